@@ -70,13 +70,16 @@ def _pad_id(model) -> int:
 
 def tokenize_one(model, prompt: str) -> tuple[list[int], list[tuple[int, int] | None]]:
     """Token ids and character offsets of one prompt, BOS prepended when the model expects it."""
-    enc = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets: list[tuple[int, int] | None] = [tuple(o) for o in enc["offset_mapping"]]
+    return tokenize_many(model, [prompt])[0]
+
+
+def tokenize_many(model, prompts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int] | None]]]:
+    """``tokenize_one`` for many prompts in one tokenizer call (a fast tokenizer encodes the batch at once)."""
+    enc = model.tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
     bos = _bos_id(model)
-    if bos is not None:
-        ids, offsets = [bos] + ids, [None] + offsets
-    return ids, offsets
+    head_ids, head_offsets = ([bos], [None]) if bos is not None else ([], [])
+    return [(head_ids + list(ids), head_offsets + [tuple(o) for o in offs])
+            for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
 
 
 def encode(
@@ -89,7 +92,7 @@ def encode(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise SpanError("no prompts to encode: the dataset is empty (check --limit, --shard and the data file).")
-    rows = [tokenize_one(model, p) for p in prompts]
+    rows = tokenize_many(model, prompts)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     width = max(len(ids) for ids, _ in rows)
     if n_ctx and width > n_ctx:
@@ -133,6 +136,19 @@ def first_token_id(model, text: str) -> int:
     if not ids:
         raise SpanError(f"{text!r} tokenises to nothing; give a non-empty answer.")
     return ids[0]
+
+
+def first_token_ids(model, texts: Sequence[str]) -> Int[Tensor, " n"]:
+    """``first_token_id`` of every text, tokenised in one call (answer ids of a whole batch)."""
+    texts = list(texts)
+    if not texts:
+        return torch.zeros(0, dtype=torch.long)
+    ids = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    for text, row in zip(texts, ids, strict=True):
+        if not row or (unk is not None and row[0] == unk):
+            first_token_id(model, text)  # raises the explanatory error
+    return torch.tensor([row[0] for row in ids], dtype=torch.long)
 
 
 def _known_ids(model, text: str) -> list[int]:

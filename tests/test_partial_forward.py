@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhop_lens.analyses.partial_forward import check_fast_path, clean_run, prefix_cache, run_from
+from mhop_lens.analyses.partial_forward import BlockArgs, check_fast_path, clean_run, prefix_cache, run_from
 from mhop_lens.forward import run
 from mhop_lens.tokens import encode
 
@@ -35,6 +35,32 @@ def test_repeated_rows_and_clean_stream(tiny_model):
     assert (got - clean.last_logits[rows]).abs().max() < 1e-4
     assert torch.equal(clean.resid_post(0), clean.streams[1])
     assert check_fast_path(tiny_model, enc)
+
+
+def test_reused_block_args_equal_fresh_captures(tiny_model, monkeypatch):
+    """One BlockArgs across calls (row tiles cut to fewer rows, with and without a prefix cache) gives the same
+    logits as a fresh capture per call; a mask that is not a prefix of the captured one is captured anew."""
+    from mhop_lens.analyses import partial_forward
+
+    captures = []
+    real = partial_forward._block_call
+    monkeypatch.setattr(partial_forward, "_block_call", lambda *a: captures.append(1) or real(*a))
+    enc = encode(tiny_model, PROMPTS)
+    clean = clean_run(tiny_model, enc)
+    width, n = enc.tokens.shape[1], len(PROMPTS)
+    calls = BlockArgs(tiny_model)
+    for tiles, rows in ((4, None), (2, None), (1, None), (2, torch.tensor([1, 2, 0, 2, 1, 0]))):
+        rows = torch.arange(n).repeat(tiles) if rows is None else rows
+        for end, start in ((width - 1, 1), (0, 0), (width - 2, 1)):
+            resid = clean.streams[start][rows, end:]
+            fresh = run_from(tiny_model, resid, start, enc.attention_mask[rows],
+                             prefix_cache(clean.kv, rows, end, start))
+            reused = run_from(tiny_model, resid, start, enc.attention_mask[rows],
+                              prefix_cache(clean.kv, rows, end, start), block_args=calls)
+            assert (reused - fresh).abs().max() < 1e-5
+            assert (reused[:, -1] - clean.last_logits[rows]).abs().max() < 1e-4
+    assert width not in (12, 6, 3), "row counts must differ from the sizes (else no reuse, by design)"
+    assert len(captures) == 12 + 3 + 3  # fresh: one per call; reused: 3 shapes, then 3 for the shuffled rows
 
 
 def test_shared_prefix_clean_run_equals_plain(tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mhop_lens.analyses import patching as ap
 
@@ -20,16 +21,33 @@ def _aligned(model):
 
 @pytest.mark.parametrize("sites", ["resid", "heads"])
 def test_fast_equals_reference(tiny_model, sites):
-    """Single-position calls over a prefix cache (work 1), grouped positions (default), heads in 2-row calls."""
+    """Single-position calls over a prefix cache (no call overhead), grouped positions (default), all positions in
+    one call (a huge overhead), heads in 3-row calls."""
     clean, corrupt = _aligned(tiny_model)
     assert clean, "fixture prompts should align for every tiny tokenizer"
     c, x = ap.prepare(tiny_model, clean[-1:] * 2, corrupt[-1:] + clean[-1:], sites)
     layers = range(tiny_model.cfg.n_layers)
     ref = ap.patching_reference(tiny_model, c, x, sites, layers)
-    for work in (1, ap.WORK_PER_CALL):
-        fast = ap.patch_logits(tiny_model, c, x, sites, layers, rows_per_call=3, work_per_call=work)
+    for overhead in (0, ap.CALL_OVERHEAD, 10**6):
+        fast = ap.patch_logits(tiny_model, c, x, sites, layers, rows_per_call=3, call_overhead=overhead)
         assert fast.keys() == ref.keys()
         assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
+
+
+def test_position_groups_minimise_calls_plus_tokens():
+    """Groups partition the positions; no overhead -> one position per call, a huge one -> a single call; the
+    chosen partition costs no more than either."""
+    for n, width, overhead in ((1, 13, 32), (32, 6, 32), (4, 9, 100)):
+        groups = ap.position_groups(n, width, overhead)
+        assert torch.equal(torch.cat(groups), torch.arange(width))
+
+        def cost(gs, n=n, width=width, overhead=overhead):
+            return sum(overhead + n * len(g) * (width - int(g[0])) for g in gs)
+
+        singles = [torch.tensor([p]) for p in range(width)]
+        assert cost(groups) <= min(cost(singles), cost([torch.arange(width)]))
+    assert len(ap.position_groups(8, 6, 0)) == 6 and len(ap.position_groups(8, 6, 10**6)) == 1
+    assert len(ap.position_groups(8, 6, 10**6, max_tokens=100)) > 1
 
 
 @pytest.mark.parametrize("sites", ["resid", "heads"])
@@ -66,6 +84,6 @@ def test_patching_on_organism(organism):
     for sites in ap.SITES:
         c, x = ap.prepare(organism, [q.prompt for q in clean], [q.prompt for q in corrupt], sites)
         layers = [1, organism.cfg.n_layers - 1]
-        fast = ap.patch_logits(organism, c, x, sites, layers, rows_per_call=8, work_per_call=2**20)
+        fast = ap.patch_logits(organism, c, x, sites, layers, rows_per_call=8)
         ref = ap.patching_reference(organism, c, x, sites, layers)
         assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4

@@ -23,11 +23,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mhop_lens import hooks, interventions
-from mhop_lens.analyses.partial_forward import CleanRun, check_fast_path, clean_run, prefix_cache, run_from
+from mhop_lens.analyses.partial_forward import (
+    BlockArgs,
+    CleanRun,
+    check_fast_path,
+    clean_run,
+    prefix_cache,
+    run_from,
+)
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import last_logits
-from mhop_lens.tokens import Encoded, encode, first_token_id
+from mhop_lens.tokens import Encoded, encode, first_token_ids
 
 Pair = tuple[int, int]  # (source layer s, target layer t)
 DONORS = ("self", "shuffled")
@@ -77,6 +84,7 @@ def backpatch_logits(
     device = clean.streams.device
     rows, pos, donor, donor_pos = (x.cpu() for x in (rows, pos, donor, donor_pos))
     m, start = len(rows), int(pos.min())
+    calls = BlockArgs(model)  # every t's rows are a tile of the same m rows: one block-argument capture serves all
     out = torch.empty(len(pairs), m, clean.last_logits.shape[-1], device=device)
     by_t: dict[int, list[int]] = {}
     for i, (_, t) in enumerate(pairs):
@@ -92,19 +100,19 @@ def backpatch_logits(
             e, s = k[a : a + step], src[a : a + step]
             resid = clean.streams[t + 1][rows[e].to(device), start:].clone()
             resid[torch.arange(len(e)), (pos[e] - start).to(device)] = clean.streams[s + 1, donor[e], donor_pos[e]]
-            got[a : a + step] = _finish(model, resid, t, clean, rows[e], start)
+            got[a : a + step] = _finish(model, resid, t, clean, rows[e], start, calls)
         out[idx] = got.view(len(idx), m, -1)
     return out
 
 
-def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int) -> Tensor:
+def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, calls: BlockArgs) -> Tensor:
     """Last-position logits of ``resid`` (positions >= start of ``rows``) entering block t+1."""
     device = clean.streams.device
     if t + 1 >= model.cfg.n_layers:  # the final residual: only the unembedding is left
         return model.unembed(model.ln_final(resid))[:, -1]
     mask = clean.enc.attention_mask[rows.to(device)]
     cache = prefix_cache(clean.kv, rows.to(device), start, t + 1)
-    return run_from(model, resid, t + 1, mask, cache)[:, -1]
+    return run_from(model, resid, t + 1, mask, cache, block_args=calls)[:, -1]
 
 
 # reference ----------------------------------------------------------------------------------------------------
@@ -177,7 +185,7 @@ def run_backpatch(
         patch = backpatch_logits if fast else backpatch_reference_logits
         clean = clean_run(model, enc)
         every = batch + extra
-        targets = torch.tensor([first_token_id(model, q.answer_prefix + q.e3) for q in every])
+        targets = first_token_ids(model, [q.answer_prefix + q.e3 for q in every])
         clean_rank, _ = _score(clean.last_logits[None], targets)
         n = len(batch)
         rows = torch.arange(n).repeat(2 if control else 1)

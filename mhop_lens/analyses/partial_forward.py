@@ -13,13 +13,14 @@ whose blocks the bridge calls in a loop works. ``check_fast_path`` verifies this
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from mhop_lens import hooks
 from mhop_lens.tokens import Encoded
@@ -108,12 +109,24 @@ def _shared_clean_run(model, enc: Encoded, group: Int[Tensor, " batch"]) -> Clea
     first = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=device)
     first[group] = torch.arange(len(group), device=device)  # one representative row per prefix
     _, kv_u, streams_u, _ = _streams_forward(model, enc.tokens[first, :-1], enc.attention_mask[first, :-1])
-    cache = DynamicCache()
-    for layer, entry in enumerate(kv_u.layers):
-        cache.update(entry.keys.index_select(0, group), entry.values.index_select(0, group), layer)
+    cache = cache_of([(entry.keys.index_select(0, group), entry.values.index_select(0, group))
+                      for entry in kv_u.layers])
     logits, kv, streams_last, _ = _streams_forward(model, enc.tokens[:, -1:], enc.attention_mask, cache)
     streams = torch.cat([streams_u[:, group], streams_last], dim=2)
     return CleanRun(enc, streams, kv, logits[:, -1].detach(), {})
+
+
+def cache_of(layers: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
+    """A DynamicCache holding exactly these (keys, values) per layer.
+
+    ``DynamicCache.update`` on an empty layer concatenates onto an empty tensor, i.e. copies; building the cache
+    that way would copy every prefix twice before the blocks copy it again when they append the new positions.
+    """
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(layers):
+        cache.update(k[..., :0, :], v[..., :0, :], layer)  # initialises the layer (dtype, device) at no cost
+        cache.layers[layer].keys, cache.layers[layer].values = k, v
+    return cache
 
 
 def prefix_cache(kv: DynamicCache, rows: Int[Tensor, " n"], end: int, from_layer: int = 0) -> DynamicCache | None:
@@ -124,16 +137,14 @@ def prefix_cache(kv: DynamicCache, rows: Int[Tensor, " n"], end: int, from_layer
     """
     if end == 0:
         return None
-    cache = DynamicCache()
+    layers = []
     for layer, entry in enumerate(kv.layers):
         k, v = entry.keys[..., :end, :], entry.values[..., :end, :]
         if layer < from_layer:
-            k = k[:1].expand(len(rows), *k.shape[1:])
-            v = v[:1].expand(len(rows), *v.shape[1:])
+            layers.append((k[:1].expand(len(rows), *k.shape[1:]), v[:1].expand(len(rows), *v.shape[1:])))
         else:
-            k, v = k.index_select(0, rows), v.index_select(0, rows)
-        cache.update(k, v, layer)
-    return cache
+            layers.append((k.index_select(0, rows), v.index_select(0, rows)))
+    return cache_of(layers)
 
 
 def _block_call(model, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache | None
@@ -158,6 +169,57 @@ def _block_call(model, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: 
     return captured["args"], captured["kwargs"]
 
 
+@dataclass
+class _Capture:
+    rows: int
+    mask: Int[Tensor, "rows pos"]
+    args: list
+    kwargs: dict
+
+
+class BlockArgs:
+    """Block-call arguments captured once and reused by every ``run_from`` call with the same shape of work.
+
+    Capturing runs the model's own forward up to block 0 (embedding, causal mask, rotary set-up): on small models
+    that costs several block calls, so a sweep that calls ``run_from`` many times passes one ``BlockArgs``. A call
+    reuses a capture made for the same number of new tokens and cache length when its attention mask equals the
+    first rows of the captured one (a sweep's row sets are tiles of one batch): tensors with the captured row count
+    as first dimension are cut to the call's rows, and the captured cache (ours, or the fresh one the model made)
+    is replaced by the call's cache (or a fresh one). Anything else is captured anew.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._captures: dict[tuple[int, int, int], _Capture] = {}
+
+    def __call__(self, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache | None
+                 ) -> tuple[list, dict]:
+        n, width = attention_mask.shape
+        cached = 0 if cache is None else cache.get_seq_length()
+        key = (n_new, cached, width)
+        got = self._captures.get(key)
+        # cutting rows is ambiguous when the captured row count equals another size of the arguments
+        cut_ok = got is not None and (n == got.rows or (n < got.rows and got.rows not in (n_new, cached, width)))
+        if cut_ok and torch.equal(got.mask[:n], attention_mask):
+            return ([_adapt(a, got.rows, n, cache) for a in got.args],
+                    {k: _adapt(v, got.rows, n, cache) for k, v in got.kwargs.items()})
+        args, kwargs = _block_call(self.model, n_new, attention_mask, cache)
+        if got is None or n >= got.rows:
+            self._captures[key] = _Capture(n, attention_mask, list(args), dict(kwargs))
+        return args, kwargs
+
+
+def _adapt(value, rows: int, n: int, cache: DynamicCache | None):
+    """A captured block argument for the first ``n`` of ``rows`` rows and the call's ``cache``."""
+    if isinstance(value, Cache):
+        return cache if cache is not None else DynamicCache()
+    if isinstance(value, Tensor):
+        return value[:n] if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, tuple | list):
+        return type(value)(_adapt(v, rows, n, cache) for v in value)
+    return value
+
+
 def run_from(
     model,
     resid: Float[Tensor, "n new d_model"],
@@ -165,16 +227,18 @@ def run_from(
     attention_mask: Int[Tensor, "n pos"],
     cache: DynamicCache | None = None,
     fwd_hooks: Sequence = (),
+    block_args: BlockArgs | None = None,
 ) -> Float[Tensor, "n new vocab"]:
     """Logits of the last ``new`` positions when ``resid`` enters block ``start`` and ``cache`` holds the rest.
 
     ``attention_mask`` covers prefix + new positions (padding excluded as usual); ``cache`` holds the prefix
     keys/values of every layer >= ``start`` (see ``prefix_cache``); ``fwd_hooks`` are active on the blocks run.
-    The cache is extended in place, so build a fresh one per call.
+    The cache is extended in place, so build a fresh one per call. Sweeps pass one ``block_args`` to all calls.
     """
-    args, kwargs = _block_call(model, resid.shape[1], attention_mask, cache)
+    args, kwargs = (block_args or BlockArgs(model))(resid.shape[1], attention_mask, cache)
     hidden = resid
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+    hooked = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
+    with torch.no_grad(), hooked:  # the bridge's hooks context costs ~1 ms: skipped when there is nothing to add
         for layer in range(start, model.cfg.n_layers):
             if args:
                 args[0] = hidden

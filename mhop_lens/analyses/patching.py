@@ -16,6 +16,7 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -23,19 +24,31 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mhop_lens import hooks
-from mhop_lens.analyses.partial_forward import CleanRun, check_fast_path, clean_run, prefix_cache, run_from
+from mhop_lens.analyses.partial_forward import (
+    BlockArgs,
+    CleanRun,
+    cache_of,
+    check_fast_path,
+    clean_run,
+    prefix_cache,
+    run_from,
+)
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import last_logits
-from mhop_lens.tokens import Encoded, encode, first_token_id
+from mhop_lens.tokens import Encoded, encode, first_token_ids
 
 Metric = Callable[[Float[Tensor, "n vocab"], Int[Tensor, " n"], Int[Tensor, " n"]], Float[Tensor, " n"]]
 SITES = ("resid", "heads")
 #: Rows (heads x pairs) of one forward in the head sweep.
 ROWS_PER_CALL = 512
-#: Residual sweep: positions p0, p0+1, ... share one forward (all recomputed from p0) while rows x new tokens x
-#: d_model^2 stays below this; small models gain from fewer calls, large ones keep one position per call.
-WORK_PER_CALL = 2**24
+#: Residual sweep: the fixed cost of one forward, in token-equivalents. Positions p0, p0+1, ... may share one
+#: forward (all recomputed from p0); the grouping minimises calls x CALL_OVERHEAD + tokens recomputed. On a CPU a
+#: block over a few tokens is bound by reading its weights (GPT-2-small: 13 tokens cost 6.7 ms, 416 cost 70 ms),
+#: so a tiny batch gains from recomputing a few unchanged positions in one larger call.
+CALL_OVERHEAD = 32
+#: Most tokens (rows x new positions) one forward of the residual sweep may hold.
+MAX_TOKENS_PER_CALL = 8192
 
 
 def logit_diff(logits: Float[Tensor, "n vocab"], clean_ids: Int[Tensor, " n"], corrupt_ids: Int[Tensor, " n"]
@@ -89,12 +102,7 @@ def prepare(model, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str],
 
 
 def _kv_rows(kv, rows):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for layer, entry in enumerate(kv.layers):
-        cache.update(entry.keys[rows], entry.values[rows], layer)
-    return cache
+    return cache_of([(entry.keys[rows], entry.values[rows]) for entry in kv.layers])
 
 
 def _head_hook(clean_z: Tensor, heads: Tensor):
@@ -111,23 +119,25 @@ def _head_hook(clean_z: Tensor, heads: Tensor):
 
 # fast path ----------------------------------------------------------------------------------------------------
 def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: Sequence[int],
-                 rows_per_call: int = ROWS_PER_CALL, work_per_call: int = WORK_PER_CALL
+                 rows_per_call: int = ROWS_PER_CALL, call_overhead: int = CALL_OVERHEAD
                  ) -> dict[tuple[int, int], Float[Tensor, "n vocab"]]:
     """Last-position logits of the corrupted run with one clean site patched: {(layer, position|head): logits}."""
     n, width = corrupt.enc.tokens.shape
     dev = corrupt.streams.device
     out = {}
     pairs = torch.arange(n)
+    calls = BlockArgs(model)  # the same row tiles recur in every layer: capture their block arguments once
     if sites == "resid":
         for layer in layers:
-            for ps in _position_groups(n, width, model.cfg.d_model, work_per_call):
+            for ps in position_groups(n, width, call_overhead):
                 p0 = int(ps[0])
                 rows = pairs.repeat(len(ps))
                 pos = ps.repeat_interleave(n)
                 resid = corrupt.streams[layer][rows.to(dev), p0:].clone()
                 resid[torch.arange(len(rows)), (pos - p0).to(dev)] = clean.streams[layer][rows.to(dev), pos.to(dev)]
                 cache = prefix_cache(corrupt.kv, rows.to(dev), p0, layer)
-                logits = run_from(model, resid, layer, corrupt.enc.attention_mask[rows.to(dev)], cache)[:, -1]
+                logits = run_from(model, resid, layer, corrupt.enc.attention_mask[rows.to(dev)], cache,
+                                  block_args=calls)[:, -1]
                 for i, p in enumerate(ps.tolist()):
                     out[(layer, p)] = logits[i * n : (i + 1) * n]
     else:
@@ -142,21 +152,31 @@ def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: 
                 fn = _head_hook(clean_z, heads.to(dev))
                 logits = run_from(model, corrupt.streams[layer][rows.to(dev)], layer,
                                   corrupt.enc.attention_mask[rows.to(dev)], None,
-                                  [(hooks.head(layer, "z"), fn)])[:, -1]
+                                  [(hooks.head(layer, "z"), fn)], block_args=calls)[:, -1]
                 for i, h in enumerate(hs.tolist()):
                     out[(layer, h)] = logits[i * n : (i + 1) * n]
     return out
 
 
-def _position_groups(n: int, width: int, d_model: int, work: int) -> list[Tensor]:
-    """Consecutive positions patched in one forward (see ``WORK_PER_CALL``)."""
-    groups, p0 = [], 0
-    while p0 < width:
-        k = 1
-        while p0 + k < width and n * (k + 1) * (width - p0) * d_model**2 < work:
-            k += 1
-        groups.append(torch.arange(p0, p0 + k))
-        p0 += k
+def position_groups(n: int, width: int, call_overhead: int = CALL_OVERHEAD,
+                    max_tokens: int = MAX_TOKENS_PER_CALL) -> list[Tensor]:
+    """Consecutive positions patched in one forward: the partition of ``range(width)`` minimising
+    ``calls * call_overhead + n * sum(group size * (width - group start))`` (recomputed tokens), by dynamic
+    programming; a group of several positions holds at most ``max_tokens`` tokens."""
+    best, cut = [0.0] * (width + 1), [width] * (width + 1)
+    for i in range(width - 1, -1, -1):
+        best[i] = float("inf")
+        for j in range(i + 1, width + 1):
+            tokens = n * (j - i) * (width - i)
+            if j > i + 1 and tokens > max_tokens:
+                break
+            cost = call_overhead + tokens + best[j]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    groups, i = [], 0
+    while i < width:
+        groups.append(torch.arange(i, cut[i]))
+        i = cut[i]
     return groups
 
 
@@ -224,8 +244,8 @@ def run_activation_patching(
             raise MhopLensError("prompts need answers=(clean answers, corrupted answers).")
         prompts, texts = (list(clean), list(corrupted)), answers
         ids = ([str(i) for i in range(len(clean))], [str(i) for i in range(len(clean))])
-    good_ids = torch.tensor([first_token_id(model, t) for t in texts[0]])
-    bad_ids = torch.tensor([first_token_id(model, t) for t in texts[1]])
+    good_ids = first_token_ids(model, texts[0])
+    bad_ids = first_token_ids(model, texts[1])
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     frames, path = [], "reference"
     for a in tqdm(range(0, len(prompts[0]), batch_size), desc=f"patch {sites}", unit="batch", disable=not progress):
@@ -240,14 +260,16 @@ def run_activation_patching(
         g, b = good_ids[part], bad_ids[part]
         clean_m, corrupt_m = metric(c.last_logits, g, b).cpu(), metric(x.last_logits, g, b).cpu()
         index = "position" if sites == "resid" else "head"
-        for (layer, i), lg in logits.items():
-            value = metric(lg, g, b).cpu()
-            frames.append(pd.DataFrame({
-                "pair": range(a, a + len(g)), "qid": ids[0][part], "corrupt_qid": ids[1][part], "site": sites,
-                "layer": layer, index: i, "metric": value.numpy(), "clean_metric": clean_m.numpy(),
-                "corrupt_metric": corrupt_m.numpy(),
-                "recovered": ((value - corrupt_m) / (clean_m - corrupt_m)).numpy(),
-            }))
+        keys, n = list(logits), len(g)
+        value = metric(torch.cat(list(logits.values())), g.repeat(len(keys)), b.repeat(len(keys))).cpu()
+        frames.append(pd.DataFrame({
+            "pair": np.tile(np.arange(a, a + n), len(keys)), "qid": ids[0][part] * len(keys),
+            "corrupt_qid": ids[1][part] * len(keys), "site": sites,
+            "layer": np.repeat([layer for layer, _ in keys], n), index: np.repeat([i for _, i in keys], n),
+            "metric": value.numpy(), "clean_metric": np.tile(clean_m.numpy(), len(keys)),
+            "corrupt_metric": np.tile(corrupt_m.numpy(), len(keys)),
+            "recovered": ((value - corrupt_m.repeat(len(keys))) / (clean_m - corrupt_m).repeat(len(keys))).numpy(),
+        }))
     frame = pd.concat(frames, ignore_index=True).sort_values(["pair", "layer", index], kind="stable")
     frame = frame.reset_index(drop=True)
     frame.attrs["path"] = path

@@ -23,7 +23,7 @@ from mhop_lens.errors import DataError
 from mhop_lens.forward import last_logits, run
 from mhop_lens.gar.examples import GarExample
 from mhop_lens.gar.generate import Form
-from mhop_lens.tokens import Encoded, encode, first_token_id
+from mhop_lens.tokens import Encoded, encode, first_token_id, first_token_ids
 
 Scorer = Literal["auto", "first-token", "full"]
 Restrict = Literal["candidates", "vocab"]
@@ -76,7 +76,7 @@ def continuation_scores(model, prompts: Sequence[str], continuations: Sequence[s
 
 
 def _first_ids(model, texts: Sequence[str]) -> list[int]:
-    return [first_token_id(model, t) for t in texts]
+    return first_token_ids(model, texts).tolist()
 
 
 def _decode(model, token: int) -> str:
