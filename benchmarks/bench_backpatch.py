@@ -13,7 +13,9 @@ Every method's answer ranks must agree with ours. Acceptance: >= 5x over the ref
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 
 import torch
 from common import (
@@ -35,14 +37,20 @@ from mhop_lens.models import load_model
 from mhop_lens.tokens import encode, first_token_id
 
 
-def study_style(model, queries, pairs) -> dict[tuple[str, int, int], int]:
-    """Answer rank per (qid, s, t), one unbatched full ``run_with_hooks`` forward per query and pair."""
+def study_style(model, queries, pairs, setup_times: list | None = None) -> dict[tuple[str, int, int], int]:
+    """Answer rank per (qid, s, t), one unbatched full ``run_with_hooks`` forward per query and pair.
+
+    The per-query clean run is timed into ``setup_times`` so that scaling from a subset of pairs counts it once.
+    """
     ranks = {}
+    setup = 0.0
     with torch.no_grad():
         for q in queries:
+            start = time.perf_counter()
             enc = encode(model, q.prompt)
             clean = clean_run(model, enc)
             target = first_token_id(model, q.answer_prefix + q.e3)
+            setup += time.perf_counter() - start
             last = enc.tokens.shape[1] - 1
             for s, t in pairs:
                 value = clean.resid_post(s)[:, last : last + 1]
@@ -50,6 +58,8 @@ def study_style(model, queries, pairs) -> dict[tuple[str, int, int], int]:
                 logits = model.run_with_hooks(enc.tokens, attention_mask=enc.attention_mask,
                                               fwd_hooks=[(hooks.resid(t, "post"), fn)])[0, -1]
                 ranks[(q.id, s, t)] = int((logits > logits[target]).sum())
+    if setup_times is not None:
+        setup_times.append(setup)
     return ranks
 
 
@@ -80,8 +90,9 @@ def bench(name: str, model, queries, repeats: int, study_n: int, batch_size: int
                                                    progress=False),
         "reference (per pair)": lambda: run_backpatch(model, queries, control=False, batch_size=batch_size,
                                                       reference=True, pairs=subset_pairs, progress=False),
-        "study (per query x pair)": lambda: study_style(model, subset, subset_pairs),
+        "study (per query x pair)": lambda: study_style(model, subset, subset_pairs, study_setup),
     }
+    study_setup: list[float] = []
     seconds, results, memory = compare(fns, repeats)
     clean_seconds, _, _ = compare({"clean": lambda: clean_run(model, enc)}, max(3, repeats))
     ours, ref = results["ours (kv-partial)"], results["reference (per pair)"]
@@ -96,7 +107,9 @@ def bench(name: str, model, queries, repeats: int, study_n: int, batch_size: int
     sweep = {"ours (kv-partial)": seconds["ours (kv-partial)"] - shared,
              "reference (per pair)": (seconds["reference (per pair)"] - shared) * pair_scale}
     seconds["reference (per pair)"] = sweep["reference (per pair)"] + shared
-    seconds["study (per query x pair)"] *= pair_scale * len(queries) / len(subset)
+    setup = statistics.median(study_setup)  # per-query clean runs: scaled by queries, not by pairs
+    seconds["study (per query x pair)"] = ((seconds["study (per query x pair)"] - setup) * pair_scale + setup) * (
+        len(queries) / len(subset))
     notes = []
     if pair_scale != 1:
         notes.append(f"reference timed on {len(subset_pairs)} of {len(pairs)} pairs and scaled (cost is the same "
