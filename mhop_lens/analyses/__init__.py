@@ -12,6 +12,7 @@ Circuits and heads (two-hop and GAR):
 
 - ``patching``: activation patching clean -> corrupted (residual by layer x position, per head).
 - ``attribution``: attribution patching (AtP, integrated gradients) and exact patching as its reference.
+- ``edge_attribution``: edge AtP between heads (q/k/v-side inputs) and exact path patching of edges.
 - ``heads``: True/False-head discovery on counter-paired Yes/No data, with a random-head control.
 - ``head_interventions``: scale, zero, mean-ablate or re-point heads during evaluation, with a random control.
 

@@ -85,12 +85,12 @@ def _rows(enc: Encoded, sl: slice) -> Encoded:
                    enc.prompts[sl])
 
 
-def _last_logits(logits: Float[Tensor, "batch pos vocab"], enc: Encoded, repeat: int = 1) -> Float[Tensor, "b vocab"]:
+def end_logits(logits: Float[Tensor, "batch pos vocab"], enc: Encoded, repeat: int = 1) -> Float[Tensor, "b vocab"]:
     last = enc.last.to(logits.device).repeat(repeat)
     return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
-def _counting_hooks(counter: Counter) -> list[tuple[str, Callable]]:
+def counting_hooks(counter: Counter) -> list[tuple[str, Callable]]:
     """Count forwards at the embedding and backwards at the final residual (via a tensor hook)."""
 
     def fwd(act, hook):
@@ -110,7 +110,7 @@ def _count_backward(counter: Counter, grad: Tensor) -> Tensor:
     return grad
 
 
-def _role_index(enc: Encoded, spans: Sequence[SpanMap] | None, roles: Sequence[str]) -> Int[Tensor, "batch pos"]:
+def role_index(enc: Encoded, spans: Sequence[SpanMap] | None, roles: Sequence[str]) -> Int[Tensor, "batch pos"]:
     """Role id per token (index into ``roles``; the last entry = OTHER; -1 for BOS/padding)."""
     idx = torch.full(enc.tokens.shape, -1, dtype=torch.long)
     for b, offsets in enumerate(enc.offsets):
@@ -201,7 +201,7 @@ def attribute(
         sl = slice(start, start + batch_size)
         rows = torch.arange(start, min(start + batch_size, len(clean_prompts)))
         clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
-        role_idx = _role_index(clean, spans[sl], roles) if spans is not None else None
+        role_idx = role_index(clean, spans[sl], roles) if spans is not None else None
         t0 = time.perf_counter()
         step = _atp_batch if ig_steps <= 0 else _ig_batch
         scores, m_clean, m_corrupt = step(model, clean, corrupt, metric, rows, named, counter, ig_steps)
@@ -221,7 +221,9 @@ def attribute(
     return out
 
 
-def _capture(store: dict, key) -> Callable:
+def capture_into(store: dict, key) -> Callable:
+    """A hook keeping its activation (still in the autograd graph) in ``store[key]``."""
+
     def hook(act, hook):
         store[key] = act
         return act
@@ -229,7 +231,7 @@ def _capture(store: dict, key) -> Callable:
     return hook
 
 
-def _grad_root() -> tuple[Tensor, Callable]:
+def grad_root() -> tuple[Tensor, Callable]:
     """A zero leaf added to the embeddings, so activations carry grad even when parameters are frozen."""
     leaf = torch.zeros((), requires_grad=True)
 
@@ -242,9 +244,9 @@ def _grad_root() -> tuple[Tensor, Callable]:
 @torch.no_grad()
 def _clean_cache(model, enc: Encoded, named, counter: Counter, metric: Metric, rows: Tensor):
     store: dict = {}
-    fwd = [(name, _capture(store, (site, layer))) for site, layer, name in named] + _counting_hooks(counter)
+    fwd = [(name, capture_into(store, (site, layer))) for site, layer, name in named] + counting_hooks(counter)
     logits = run(model, enc, fwd)
-    return {k: v.detach() for k, v in store.items()}, metric(_last_logits(logits, enc), rows)
+    return {k: v.detach() for k, v in store.items()}, metric(end_logits(logits, enc), rows)
 
 
 def _atp_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Tensor, named, counter: Counter,
@@ -252,12 +254,12 @@ def _atp_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Te
     """2 forwards + 1 backward: clean cache, corrupted forward with grad, one backward of the summed metric."""
     clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
     store: dict = {}
-    _, root = _grad_root()
-    fwd = [("hook_embed", root)] + [(name, _capture(store, (s, l))) for s, l, name in named]
-    fwd += _counting_hooks(counter)
+    _, root = grad_root()
+    fwd = [("hook_embed", root)] + [(name, capture_into(store, (s, l))) for s, l, name in named]
+    fwd += counting_hooks(counter)
     with torch.enable_grad():
         logits = run(model, corrupt, fwd)
-        m_corrupt = metric(_last_logits(logits, corrupt), rows)
+        m_corrupt = metric(end_logits(logits, corrupt), rows)
         keys = list(store)
         grads = torch.autograd.grad(m_corrupt.sum(), [store[k] for k in keys], allow_unused=True)
     scores = {}
@@ -300,8 +302,8 @@ def _ig_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Ten
         store: dict = {}
         fwd = [(name, _interpolate(clean_acts[key], corrupt_acts[key], alphas, store, key))]
         with torch.enable_grad():
-            logits = run(model, tokens, fwd + _counting_hooks(counter))
-            m = metric(_last_logits(logits, corrupt, ig_steps), rows.repeat(ig_steps))
+            logits = run(model, tokens, fwd + counting_hooks(counter))
+            m = metric(end_logits(logits, corrupt, ig_steps), rows.repeat(ig_steps))
             (g,) = torch.autograd.grad(m.sum(), [store[key]])
         mean_grad = g.view(ig_steps, b, *g.shape[1:]).mean(0)
         scores[key] = _node_scores(site, clean_acts[key] - corrupt_acts[key], mean_grad)
@@ -359,7 +361,7 @@ def exact_patching(
         clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
         t0 = time.perf_counter()
         clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
-        m_corrupt = metric(_last_logits(run(model, corrupt, _counting_hooks(counter)), corrupt), rows)
+        m_corrupt = metric(end_logits(run(model, corrupt, counting_hooks(counter)), corrupt), rows)
         b = len(rows)
         per_fwd = max(1, max_rows // b)
         effects: dict[tuple[str, int], Tensor] = {}
@@ -372,8 +374,8 @@ def exact_patching(
             tokens = Encoded(corrupt.tokens.repeat(len(group), 1), corrupt.attention_mask.repeat(len(group), 1),
                              corrupt.offsets * len(group), corrupt.lengths.repeat(len(group)), corrupt.padding_side,
                              corrupt.prompts * len(group))
-            logits = run(model, tokens, fwd + _counting_hooks(counter))
-            m = metric(_last_logits(logits, corrupt, len(group)), rows.repeat(len(group))).view(len(group), b)
+            logits = run(model, tokens, fwd + counting_hooks(counter))
+            m = metric(end_logits(logits, corrupt, len(group)), rows.repeat(len(group))).view(len(group), b)
             for g, (s, l, h) in enumerate(group):
                 col = effects.setdefault((s, l), torch.zeros(b, 1, model.cfg.n_heads if s == "z" else 1))
                 col[:, 0, max(h, 0)] = (m[g] - m_corrupt).cpu()

@@ -13,6 +13,8 @@ from mhop_lens.viz._frames import require
 VALUE_COLUMNS = ("score", "exact", "atp", "atp_ig")
 TYPE_COLORS = {"true": "#0072B2", "false": "#D55E00"}
 CONDITION_COLORS = {"before": "#999999", "target": "#D55E00", "random": "#0072B2"}
+EDGE_COLORS = {1: "#009E73", -1: "#CC79A7"}          # head -> head edge score > 0 / < 0
+SIDE_DASH = {"q": "solid", "k": "dash", "v": "dot"}
 
 
 def head_table(frame: pd.DataFrame, value: str | None = None) -> tuple[pd.DataFrame, str]:
@@ -54,13 +56,17 @@ def fig_head_heatmap(frame: pd.DataFrame, value: str | None = None, title: str |
 
 
 def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 6, value: str | None = None,
-                roles: tuple[str, ...] | None = None, min_edge: float = 0.5) -> go.Figure:
+                roles: tuple[str, ...] | None = None, min_edge: float = 0.5, edges: pd.DataFrame | None = None,
+                max_edges: int = 12) -> go.Figure:
     """Circuit graph: input role spans (left) -> the top-k heads (placed by layer) -> the output (right).
 
     Head nodes are coloured by role ("true" heads push true statements to Yes, "false" heads to No) and sized by
     |score|. A role -> head edge is drawn where the head's attention from END to that span separates true from
     false rows (|Cohen's d| of ``attn_d_<role>`` >= ``min_edge``); its width is |d|. Head -> output edges carry
     the head's score. ``top``: a ``heads.select`` table (default: the k largest |score| of ``scores``).
+    ``edges``: an ``attribute_edges`` / ``exact_edge_patching`` frame (or its ``aggregate_edges``); the
+    ``max_edges`` strongest head -> head edges between the drawn heads are added, width by |mean score| and
+    colour by sign, dash by the side read (q solid, k dashed, v dotted; a GQA kv head joins its query heads).
     """
     from mhop_lens.analyses.heads import select
 
@@ -89,6 +95,9 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
         v = float(row[value])
         fig.add_trace(_edge(x, y, n_layers + 1, out_y, 1 + 4 * abs(v) / (nodes[value].abs().max() or 1),
                             TYPE_COLORS[row["type"]], f"L{key[0]}H{key[1]} -> output: {value} = {v:+.3f}"))
+    if edges is not None:
+        for trace in _head_edges(edges, head_y, max_edges):
+            fig.add_trace(trace)
     fig.add_trace(go.Scatter(
         x=[0] * len(roles), y=[role_y[r] for r in roles], mode="markers+text", text=list(roles),
         textposition="middle left", marker=dict(size=22, color="#DDDDDD", line=dict(color="#555555", width=1)),
@@ -117,10 +126,58 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
                        height=520)
 
 
-def _edge(x0: float, y0: float, x1: float, y1: float, width: float, color: str, hover: str) -> go.Scatter:
+def _edge(x0: float, y0: float, x1: float, y1: float, width: float, color: str, hover: str,
+          dash: str = "solid", name: str | None = None) -> go.Scatter:
     return go.Scatter(x=[x0, (x0 + x1) / 2, x1], y=[y0, (y0 + y1) / 2, y1], mode="lines",
-                      line=dict(width=min(width, 8), color=color), opacity=0.6, hoverinfo="text",
-                      hovertext=hover, showlegend=False)
+                      line=dict(width=min(width, 8), color=color, dash=dash), opacity=0.6, hoverinfo="text",
+                      hovertext=hover, showlegend=name is not None, name=name)
+
+
+def edge_table(edges: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Head -> head (q/k/v) edges with one mean score each, from a raw edge frame or ``aggregate_edges``."""
+    need = ["up_kind", "up_layer", "up_head", "down_layer", "down_head", "side"]
+    if "mean" not in edges.columns:
+        value = next((c for c in ("exact", "atp") if c in edges.columns), None)
+        if value is None:
+            raise ValueError(f"no edge score column (atp / exact / mean) in the frame ({list(edges.columns)[:12]}).")
+        require(edges, need + ["pair", value], "edge_table")
+        edges = (edges.groupby(["pair"] + need)[value].sum().groupby(need).mean().rename("mean").reset_index())
+    else:
+        value = "mean"
+        require(edges, need + ["mean"], "edge_table")
+    table = edges[(edges["up_kind"] == "head") & edges["side"].isin(list(SIDE_DASH))]
+    return table, value
+
+
+def _head_edges(edges: pd.DataFrame, head_y: dict[tuple[int, int], float], max_edges: int) -> list[go.Scatter]:
+    """Lines between drawn heads for the strongest head -> head edges (kv-head edges fan out to their query heads)."""
+    table, _ = edge_table(edges)
+    n_q = int(table.loc[table["side"] == "q", "down_head"].max() + 1) if (table["side"] == "q").any() else 0
+    n_kv = int(table.loc[table["side"] != "q", "down_head"].max() + 1) if (table["side"] != "q").any() else 0
+    group = n_q // n_kv if n_q and n_kv and n_q > n_kv else 1
+    drawn = []
+    for row in table.itertuples(index=False):
+        up = (int(row.up_layer), int(row.up_head))
+        if up not in head_y:
+            continue
+        heads = [int(row.down_head)] if row.side == "q" else range(int(row.down_head) * group,
+                                                                    (int(row.down_head) + 1) * group)
+        drawn += [(row, up, (int(row.down_layer), h)) for h in heads if (int(row.down_layer), h) in head_y]
+    drawn.sort(key=lambda t: -abs(t[0].mean))
+    drawn = drawn[:max_edges]
+    scale = max((abs(r.mean) for r, _, _ in drawn), default=1.0) or 1.0
+    traces = []
+    for row, up, down in drawn:
+        sign = 1 if row.mean >= 0 else -1
+        kv = f" (kv head {int(row.down_head)})" if group > 1 and row.side != "q" else ""
+        traces.append(_edge(up[0] + 1, head_y[up], down[0] + 1, head_y[down], 1 + 5 * abs(row.mean) / scale,
+                            EDGE_COLORS[sign], f"L{up[0]}H{up[1]} -> L{down[0]}H{down[1]}.{row.side}{kv}: "
+                            f"edge = {row.mean:+.4g}", SIDE_DASH[row.side]))
+    for sign, label in ((1, "edge > 0"), (-1, "edge < 0")):
+        if any((r.mean >= 0) == (sign > 0) for r, _, _ in drawn):
+            traces.append(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=EDGE_COLORS[sign], width=3),
+                                     name=f"head -> head {label} (q solid, k dash, v dot)"))
+    return traces
 
 
 def fig_intervention_bars(frame: pd.DataFrame, by: str = "form") -> go.Figure:

@@ -1,0 +1,391 @@
+"""Edge-level attribution patching: how much each upstream node's output, read by one downstream head through its
+query, key or value input, moves the metric.
+
+Node-level AtP (:mod:`mhop_lens.analyses.attribution`) scores a head by everything its output does. An edge
+u -> (d, side) keeps only the part that reaches head d through one of its q/k/v inputs:
+
+    edge AtP = sum over positions of  delta_u . d metric / d x_side^d   (at the corrupted run)
+
+with ``delta_u`` = u's contribution to the residual, clean minus corrupted (a head: ``W_O^h (z_clean - z_corrupt)``;
+an MLP: ``mlp_out``; ``embed``: the block-0 input, split by role span with ``per_position``) and ``x_side^d`` =
+head d's own copy of the pre-LN residual feeding its q/k/v projection. TransformerLens 4's bridge gives every head
+such a copy when ``use_split_qkv_input`` is on (``blocks.{l}.hook_q_input`` [batch pos n_heads d_model],
+``hook_k_input`` / ``hook_v_input`` [batch pos n_kv_heads d_model]); :func:`split_qkv_inputs` switches it on for
+one call and always restores it. Under grouped-query attention k/v edges end at **kv heads** (``down`` =
+``L2KV1``), which several query heads share. ``side="out"`` is the direct edge u -> final residual (the logits).
+
+Cost: 2 forwards + 1 backward per batch for every edge, counted in ``frame.attrs``. :func:`exact_edge_patching`
+is the reference (path patching: the corrupted run with ``delta_u`` added to only d's side input, everything
+downstream of d recomputed), with ``alpha`` < 1 for the first-order check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mhop_lens import hooks
+from mhop_lens.analyses.attribution import (
+    OTHER,
+    Counter,
+    SpanMap,
+    capture_into,
+    counting_hooks,
+    encode_pairs,
+    end_logits,
+    grad_root,
+    role_index,
+)
+from mhop_lens.analyses.metrics import Metric
+from mhop_lens.errors import SpanError
+from mhop_lens.forward import run
+from mhop_lens.tokens import Encoded
+
+SIDES = ("q", "k", "v")
+UPSTREAM = ("embed", "head", "mlp")
+FINAL = "ln_final.hook_in"
+EDGE_KEYS = ["up", "down", "side", "up_kind", "up_layer", "up_head", "down_layer", "down_head"]
+
+
+class Edge(NamedTuple):
+    """Upstream node (kind "embed" | "head" | "mlp", layer, head or -1) -> downstream head (layer, head; a kv head
+    for k/v under GQA) through ``side`` ("q" | "k" | "v" | "out"; "out": down_layer = n_layers, down_head = -1)."""
+
+    up_kind: str
+    up_layer: int
+    up_head: int
+    down_layer: int
+    down_head: int
+    side: str
+
+
+def split_input(layer: int, side: str) -> str:
+    """Hook of head-wise residual copies feeding block ``layer``'s q, k or v projection (split-input mode only)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, not {side!r}.")
+    return f"blocks.{layer}.hook_{side}_input"
+
+
+@contextmanager
+def split_qkv_inputs(model) -> Iterator:
+    """Turn on ``use_split_qkv_input`` for the block (per-head q/k/v input copies) and restore the previous value
+    afterwards, also on exceptions. The logits do not change (the copies are identical until a hook edits one)."""
+    previous = bool(getattr(model.cfg, "use_split_qkv_input", False))
+    model.set_use_split_qkv_input(True)
+    try:
+        yield model
+    finally:
+        model.set_use_split_qkv_input(previous)
+
+
+def up_label(kind: str, layer: int, head: int) -> str:
+    return {"embed": "embed", "head": f"L{layer}H{head}", "mlp": f"L{layer} mlp"}[kind]
+
+
+def down_label(model, layer: int, head: int, side: str) -> str:
+    """"L2H3" (q side, or k/v without GQA), "L2KV1" (k/v side of a kv head under GQA), "output" (side out)."""
+    if side == "out":
+        return "output"
+    gqa = hooks.n_kv_heads(model) != model.cfg.n_heads
+    return f"L{layer}KV{head}" if gqa and side in ("k", "v") else f"L{layer}H{head}"
+
+
+def _n_side_heads(model, side: str) -> int:
+    return model.cfg.n_heads if side == "q" else hooks.n_kv_heads(model)
+
+
+def _upstream_names(model) -> dict[tuple[str, int], str]:
+    names = {("embed", 0): hooks.resid(0, "pre")}
+    for l in range(model.cfg.n_layers):
+        names[("head", l)] = hooks.head(l, "z")
+        names[("mlp", l)] = hooks.mlp_out(l)
+    hooks.validate(model, list(names.values()))
+    return names
+
+
+def _deltas(model, clean: dict, corrupt: dict, upstream: Sequence[str]
+            ) -> dict[tuple[str, int], Float[Tensor, "batch pos node d_model"]]:
+    """Each upstream node's residual contribution, clean minus corrupted (heads through their own W_O slice)."""
+    out = {}
+    for (kind, l), c in clean.items():
+        if kind not in upstream:
+            continue
+        d = c - corrupt[(kind, l)]
+        if kind == "head":
+            w_o = model.blocks[l].attn.W_O.detach().to(d.dtype).to(d.device)
+            out[(kind, l)] = torch.einsum("bphe,hed->bphd", d, w_o)
+        else:
+            out[(kind, l)] = d.unsqueeze(2)
+    return out
+
+
+def _onehot(role_idx: Int[Tensor, "batch pos"] | None, shape: tuple[int, int], n_roles: int
+            ) -> Float[Tensor, "batch pos role"]:
+    if role_idx is None:
+        return torch.ones(*shape, 1)
+    onehot = torch.zeros(*role_idx.shape, n_roles)
+    keep = role_idx >= 0
+    onehot[keep] = torch.nn.functional.one_hot(role_idx[keep], n_roles).float()
+    return onehot
+
+
+def _edge_frame(model, scores: list[tuple[tuple[str, int], int, str, Tensor]], rows: Tensor,
+                roles: Sequence[str] | None) -> pd.DataFrame:
+    """Long table from blocks of scores [batch, role, up node, down head] per (upstream key, down layer, side)."""
+    frames = []
+    for (kind, lu), ld, side, s in scores:
+        b, r, nu, nd = s.shape
+        grid = np.stack(np.meshgrid(np.arange(b), np.arange(r), np.arange(nu), np.arange(nd), indexing="ij"),
+                        -1).reshape(-1, 4)
+        up_heads = grid[:, 2] if kind == "head" else np.full(len(grid), -1)
+        down_heads = grid[:, 3] if side != "out" else np.full(len(grid), -1)
+        ups = np.asarray([up_label(kind, lu, h if kind == "head" else -1) for h in range(nu)], dtype=object)
+        downs = np.asarray([down_label(model, ld, h, side) for h in range(nd)], dtype=object)
+        frame = pd.DataFrame({
+            "pair": rows.numpy()[grid[:, 0]],
+            "up": ups[grid[:, 2]],
+            "down": downs[grid[:, 3]],
+            "side": side,
+            "up_kind": kind, "up_layer": lu if kind != "embed" else -1, "up_head": up_heads,
+            "down_layer": ld, "down_head": down_heads,
+            "atp": s.detach().double().numpy().reshape(-1),
+        })
+        if roles is not None:
+            frame["span"] = np.asarray(roles, dtype=object)[grid[:, 1]]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def attribute_edges(
+    model,
+    clean_prompts: Sequence[str],
+    corrupted_prompts: Sequence[str],
+    metric: Metric,
+    sides: Sequence[str] = SIDES,
+    upstream: Sequence[str] = UPSTREAM,
+    output: bool = True,
+    per_position: bool | Sequence[SpanMap] = False,
+    roles: Sequence[str] | None = None,
+    batch_size: int = 16,
+    pair_ids: Sequence | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Edge AtP for every (upstream node, later head, side): one row per (pair, edge[, span]).
+
+    Upstream nodes: ``"embed"`` (block-0 input), every ``"head"`` (its W_O-projected output) and every ``"mlp"``;
+    downstream: each head of a later layer (any layer for ``embed``) through each of ``sides`` (kv heads for k/v
+    under GQA) and, with ``output``, the final residual (``side == "out"``, the direct path to the logits).
+    ``per_position`` (one ``{role: [(start, end)]}`` per pair) splits every edge by the role of the position where
+    it is read (column ``span``, plus ``"other"``); for ``embed`` that gives role span -> head edges. Summed over
+    all upstream nodes, a head side's incoming edges equal ``(resid_pre_clean - resid_pre_corrupt) . grad`` of
+    that side input (tested).
+    Columns: ``pair [pair_id] up down side up_kind up_layer up_head down_layer down_head [span] atp metric_clean
+    metric_corrupt``; ``frame.attrs``: passes and seconds.
+    """
+    bad = [s for s in sides if s not in SIDES] + [u for u in upstream if u not in UPSTREAM]
+    if bad or not sides or not upstream:
+        raise ValueError(f"bad or empty sides/upstream ({bad or 'empty'}); sides from {SIDES}, upstream from "
+                         f"{UPSTREAM}.")
+    spans = None if isinstance(per_position, bool) else list(per_position)
+    if spans is not None and len(spans) != len(clean_prompts):
+        raise SpanError(f"{len(spans)} span maps for {len(clean_prompts)} pairs; pass one per pair.")
+    if spans is not None:
+        roles = list(roles) if roles else sorted({r for s in spans for r in s})
+        roles = [r for r in roles if r != OTHER] + [OTHER]
+    up_names = _upstream_names(model)
+    down_names = [(l, s, split_input(l, s)) for l in range(model.cfg.n_layers) for s in sides]
+    counter = Counter()
+    frames = []
+    starts = range(0, len(clean_prompts), batch_size)
+    with split_qkv_inputs(model):
+        hooks.validate(model, [n for _, _, n in down_names])
+        for start in tqdm(starts, desc="edge attribution", disable=not progress):
+            sl = slice(start, start + batch_size)
+            rows = torch.arange(start, min(start + batch_size, len(clean_prompts)))
+            clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
+            role_idx = role_index(clean, spans[sl], roles) if spans is not None else None
+            t0 = time.perf_counter()
+            scores, m_clean, m_corrupt = _edge_batch(model, clean, corrupt, metric, rows, up_names, down_names,
+                                                     upstream, output, role_idx, len(roles or [0]), counter)
+            counter.seconds += time.perf_counter() - t0
+            frame = _edge_frame(model, scores, rows, roles if spans is not None else None)
+            frame["metric_clean"] = m_clean.cpu().double().numpy()[frame["pair"].to_numpy() - start]
+            frame["metric_corrupt"] = m_corrupt.cpu().double().numpy()[frame["pair"].to_numpy() - start]
+            frames.append(frame)
+    out = pd.concat(frames, ignore_index=True)
+    if pair_ids is not None:
+        out.insert(1, "pair_id", np.asarray(pair_ids, dtype=object)[out["pair"].to_numpy()])
+    n = len(starts)
+    out.attrs.update(forwards=counter.forward, backwards=counter.backward, batches=n, forwards_per_batch=
+                     counter.forward / n, backwards_per_batch=counter.backward / n, seconds=counter.seconds)
+    return out
+
+
+def _edge_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Tensor, up_names, down_names,
+                upstream, output: bool, role_idx, n_roles: int, counter: Counter):
+    """Clean forward (cache), corrupted forward with grad at every split input, one backward of the summed metric."""
+    clean_acts: dict = {}
+    with torch.no_grad():
+        fwd = [(n, capture_into(clean_acts, k)) for k, n in up_names.items()] + counting_hooks(counter)
+        m_clean = metric(end_logits(run(model, clean, fwd), clean), rows)
+    corrupt_acts: dict = {}
+    grads_at: dict = {}
+    _, root = grad_root()
+    fwd = [("hook_embed", root)] + [(n, capture_into(corrupt_acts, k)) for k, n in up_names.items()]
+    fwd += [(n, capture_into(grads_at, (l, s))) for l, s, n in down_names]
+    if output:
+        fwd.append((FINAL, capture_into(grads_at, (model.cfg.n_layers, "out"))))
+    fwd += counting_hooks(counter)
+    with torch.enable_grad():
+        m_corrupt = metric(end_logits(run(model, corrupt, fwd), corrupt), rows)
+        keys = list(grads_at)
+        grads = torch.autograd.grad(m_corrupt.sum(), [grads_at[k] for k in keys], allow_unused=True)
+    model.zero_grad(set_to_none=True)
+    deltas = _deltas(model, {k: v.detach() for k, v in clean_acts.items()},
+                     {k: v.detach() for k, v in corrupt_acts.items()}, upstream)
+    some = next(iter(deltas.values()))
+    onehot = _onehot(role_idx, tuple(some.shape[:2]), n_roles).to(some)
+    scores = []
+    for (ld, side), g in zip(keys, grads, strict=True):
+        g = torch.zeros_like(grads_at[(ld, side)]) if g is None else g.detach()
+        if side == "out":
+            g = g.unsqueeze(2)
+        for (kind, lu), delta in deltas.items():
+            if kind != "embed" and lu >= ld:
+                continue
+            s = torch.einsum("bpr,bpud,bpgd->brug", onehot, delta.to(g.dtype), g).cpu()
+            scores.append(((kind, lu), ld, side, s))
+    return scores, m_clean.detach(), m_corrupt.detach()
+
+
+def edges_from(frame_or_edges) -> list[Edge]:
+    """Edges from a frame with the ``Edge`` columns (e.g. ``aggregate_edges(...).head(20)``) or from tuples."""
+    if isinstance(frame_or_edges, pd.DataFrame):
+        cols = list(Edge._fields)
+        unique = frame_or_edges[cols].drop_duplicates()
+        return [Edge(str(r[0]), *(int(x) for x in r[1:5]), str(r[5])) for r in unique.itertuples(index=False)]
+    return [Edge(*e) for e in frame_or_edges]
+
+
+def _edge_hook(edge_rows: list[tuple[int, int, Tensor]], batch: int, alpha: float):
+    """Add ``alpha * delta`` to head ``h``'s copy (or the final residual, h = -1) in copy ``g`` of the batch."""
+
+    def hook(act, hook):
+        act = act.clone()
+        for g, h, delta in edge_rows:
+            rows = slice(g * batch, (g + 1) * batch)
+            d = alpha * delta.to(act.dtype).to(act.device)
+            if h < 0:
+                act[rows] = act[rows] + d
+            else:
+                act[rows, :, h] = act[rows, :, h] + d
+        return act
+
+    return hook
+
+
+@torch.no_grad()
+def exact_edge_patching(
+    model,
+    clean_prompts: Sequence[str],
+    corrupted_prompts: Sequence[str],
+    metric: Metric,
+    edges,
+    batch_size: int = 16,
+    max_rows: int = 256,
+    pair_ids: Sequence | None = None,
+    alpha: float = 1.0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Path patching of each edge (all positions): metric(corrupted run with ``alpha * delta_u`` added to only
+    head d's ``side`` input copy) - metric(corrupted run). The rest of the residual stays corrupted; everything
+    downstream of d is recomputed. Edges are patched in copies of the corrupted batch (``max_rows`` rows per
+    forward). ``edges``: see :func:`edges_from`. Same edge columns as :func:`attribute_edges` with ``exact``.
+    """
+    edges = edges_from(edges)
+    for e in edges:
+        if e.side not in SIDES + ("out",) or (e.up_kind != "embed" and e.up_layer >= e.down_layer):
+            raise ValueError(f"not an edge: {e} (upstream must be in an earlier layer; side in q/k/v/out).")
+    up_names = _upstream_names(model)
+    counter = Counter()
+    frames = []
+    starts = range(0, len(clean_prompts), batch_size)
+    with split_qkv_inputs(model):
+        for start in tqdm(starts, desc="exact edge patching", disable=not progress):
+            sl = slice(start, start + batch_size)
+            rows = torch.arange(start, min(start + batch_size, len(clean_prompts)))
+            clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
+            t0 = time.perf_counter()
+            acts: list[dict] = [{}, {}]
+            ms = []
+            for enc, store in ((clean, acts[0]), (corrupt, acts[1])):
+                fwd = [(n, capture_into(store, k)) for k, n in up_names.items()] + counting_hooks(counter)
+                ms.append(metric(end_logits(run(model, enc, fwd), enc), rows))
+            deltas = _deltas(model, acts[0], acts[1], UPSTREAM)
+            b = len(rows)
+            per_fwd = max(1, max_rows // b)
+            effects = np.zeros((len(edges), b))
+            for i in range(0, len(edges), per_fwd):
+                group = edges[i : i + per_fwd]
+                by_hook: dict[str, list] = {}
+                for g, e in enumerate(group):
+                    delta = deltas[(e.up_kind, e.up_layer if e.up_kind != "embed" else 0)]
+                    delta = delta[:, :, max(e.up_head, 0)]
+                    name = FINAL if e.side == "out" else split_input(e.down_layer, e.side)
+                    by_hook.setdefault(name, []).append((g, e.down_head if e.side != "out" else -1, delta))
+                fwd = [(n, _edge_hook(v, b, alpha)) for n, v in by_hook.items()] + counting_hooks(counter)
+                k = len(group)
+                tokens = Encoded(corrupt.tokens.repeat(k, 1), corrupt.attention_mask.repeat(k, 1),
+                                 corrupt.offsets * k, corrupt.lengths.repeat(k), corrupt.padding_side,
+                                 corrupt.prompts * k)
+                m = metric(end_logits(run(model, tokens, fwd), corrupt, k), rows.repeat(k)).view(k, b)
+                effects[i : i + k] = (m - ms[1]).cpu().double().numpy()
+            counter.seconds += time.perf_counter() - t0
+            frame = pd.DataFrame([
+                {"pair": int(rows[j]), "up": up_label(e.up_kind, e.up_layer, e.up_head),
+                 "down": down_label(model, e.down_layer, e.down_head, e.side), **e._asdict(), "exact": effects[g, j],
+                 "metric_clean": float(ms[0][j]), "metric_corrupt": float(ms[1][j])}
+                for g, e in enumerate(edges) for j in range(b)])
+            frames.append(frame)
+    out = pd.concat(frames, ignore_index=True)
+    if pair_ids is not None:
+        out.insert(1, "pair_id", np.asarray(pair_ids, dtype=object)[out["pair"].to_numpy()])
+    out.attrs.update(forwards=counter.forward, batches=len(starts), seconds=counter.seconds, alpha=alpha)
+    return out
+
+
+def aggregate_edges(frame: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
+    """Mean, mean |.| and sd over pairs per edge (summed over spans within a pair), sorted by |mean| descending."""
+    value = value or next(c for c in ("atp", "exact") if c in frame.columns)
+    keys = [c for c in EDGE_KEYS if c in frame.columns]
+    per_pair = frame.groupby(["pair"] + keys, sort=False)[value].sum().reset_index()
+    g = per_pair.groupby(keys, sort=False)[value]
+    out = pd.DataFrame({"mean": g.mean(), "abs_mean": g.apply(lambda s: s.abs().mean()), "std": g.std(),
+                        "n": g.size()}).reset_index()
+    return out.reindex(out["mean"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+
+def edge_agreement(atp: pd.DataFrame, exact: pd.DataFrame) -> dict:
+    """Spearman (signed, |.|) and Pearson of per-edge mean AtP vs exact edge patching over the edges in both."""
+    from scipy.stats import pearsonr, spearmanr
+
+    a, e = aggregate_edges(atp, "atp"), aggregate_edges(exact, "exact")
+    m = a.merge(e, on=[k for k in EDGE_KEYS if k in a.columns and k in e.columns], suffixes=("_atp", "_exact"))
+    if len(m) < 3:
+        raise ValueError(f"need >= 3 common edges to correlate, got {len(m)}.")
+    top = m["mean_exact"].abs().idxmax()
+    return {"n_edges": len(m),
+            "spearman": float(spearmanr(m["mean_atp"], m["mean_exact"]).statistic),
+            "spearman_abs": float(spearmanr(m["mean_atp"].abs(), m["mean_exact"].abs()).statistic),
+            "pearson": float(pearsonr(m["mean_atp"], m["mean_exact"]).statistic),
+            "top_exact_edge": f"{m.at[top, 'up']} -> {m.at[top, 'down']}.{m.at[top, 'side']}",
+            "top_exact_effect": float(m.at[top, "mean_exact"]), "top_exact_atp": float(m.at[top, "mean_atp"])}
