@@ -237,8 +237,10 @@ def _gar(store: RunStore, state: dict, gar_model: str, size: DemoSize, seed: int
     from mhop_lens.models import load_model
 
     try:
+        from mhop_lens.analyses import metrics
+        from mhop_lens.analyses.edge_attribution import aggregate_edges, attribute_edges
         from mhop_lens.analyses.head_interventions import intervene
-        from mhop_lens.analyses.heads import find_heads
+        from mhop_lens.analyses.heads import counter_pairs, find_heads
         from mhop_lens.gar.evaluate import evaluate as gar_evaluate
         from mhop_lens.organism_gar.world import build_world, examples
     except ImportError as e:
@@ -255,6 +257,9 @@ def _gar(store: RunStore, state: dict, gar_model: str, size: DemoSize, seed: int
     store.write("head_scores", scores)
     store.write("top_heads", top)
     cls = [e for e in exs if e.kind == "cls"]
+    pairs = counter_pairs(model, cls)  # edge AtP (2 fwd + 1 bwd per batch) for the circuit figure's head -> head edges
+    edges = attribute_edges(model, pairs.clean, pairs.corrupted, metrics.yes_no(model, len(pairs)), batch_size=32)
+    store.write("edge_scores", aggregate_edges(edges, "atp"))
     heads = list(zip(top["layer"], top["head"], strict=True))
     store.write("interventions", intervene(model, cls, heads, kind="zero", n_random=size.gar_random_sets,
                                                 seed=seed))

@@ -89,7 +89,7 @@ def _head_heatmap(t: Tables) -> go.Figure:
 def _circuit(t: Tables) -> go.Figure:
     from mhop_lens.viz.heads import fig_circuit
 
-    return fig_circuit(t["head_scores"], t.get("top_heads"))
+    return fig_circuit(t["head_scores"], t.get("top_heads"), edges=t.get("edge_scores"))
 
 
 def _interventions(t: Tables) -> go.Figure:
@@ -113,7 +113,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("knockout", ("knockout",), _knockout),
     FigureSpec("stages", ("stages",), _stages, ()),
     FigureSpec("attribution_heads", (("head_scores", "attribution"),), _head_heatmap, ()),
-    FigureSpec("circuit", ("head_scores",), _circuit, ("top_heads",)),
+    FigureSpec("circuit", ("head_scores",), _circuit, ("top_heads", "edge_scores")),
     FigureSpec("head_interventions", ("interventions",), _interventions, ()),
     FigureSpec("gar_accuracy", ("scores",), _gar, ()),
 )
