@@ -43,8 +43,8 @@ def test_reused_block_args_equal_fresh_captures(tiny_model, monkeypatch):
     from mhop_lens.analyses import partial_forward
 
     captures = []
-    real = partial_forward._block_call
-    monkeypatch.setattr(partial_forward, "_block_call", lambda *a: captures.append(1) or real(*a))
+    real = partial_forward.block_call
+    monkeypatch.setattr(partial_forward, "block_call", lambda *a: captures.append(1) or real(*a))
     enc = encode(tiny_model, PROMPTS)
     clean = clean_run(tiny_model, enc)
     width, n = enc.tokens.shape[1], len(PROMPTS)

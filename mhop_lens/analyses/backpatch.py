@@ -31,6 +31,7 @@ from mhop_lens.analyses.partial_forward import (
     prefix_cache,
     run_from,
 )
+from mhop_lens.analyses.variant_tokens import check_variant_path, run_variants
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import last_logits
@@ -89,12 +90,13 @@ def backpatch_logits(
     by_t: dict[int, list[int]] = {}
     for i, (_, t) in enumerate(pairs):
         by_t.setdefault(t, []).append(i)
+    last_only = start == clean.enc.tokens.shape[1] - 1  # every row patched at its last position
     for t, idx in by_t.items():
+        if last_only and len(idx) > 1 and _variants(model, clean, rows, donor, donor_pos, pairs, idx, out):
+            continue
         k = torch.arange(m).repeat(len(idx))  # pair-major: entry e = pair idx[e // m], row e % m
         src = torch.tensor([pairs[i][0] for i in idx]).repeat_interleave(m)
-        n_cached = max(1, model.cfg.n_layers - 1 - t)
-        row_bytes = 2 * n_cached * max(1, start) * clean.streams.shape[-1] * clean.streams.element_size()
-        step = max(1, CACHE_BUDGET // row_bytes)
+        step = _rows_per_call(model, clean, t, start)
         got = torch.empty(len(k), out.shape[-1], device=device)
         for a in range(0, len(k), step):
             e, s = k[a : a + step], src[a : a + step]
@@ -103,6 +105,32 @@ def backpatch_logits(
             got[a : a + step] = _finish(model, resid, t, clean, rows[e], start, calls)
         out[idx] = got.view(len(idx), m, -1)
     return out
+
+
+def _rows_per_call(model, clean: CleanRun, t: int, start: int) -> int:
+    """Rows whose expanded prefix keys/values (layers > t) fit in ``CACHE_BUDGET``."""
+    n_cached = max(1, model.cfg.n_layers - 1 - t)
+    row_bytes = 2 * n_cached * max(1, start) * clean.streams.shape[-1] * clean.streams.element_size()
+    return max(1, CACHE_BUDGET // row_bytes)
+
+
+def _variants(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pair], idx: list[int], out) -> bool:
+    """Pairs ``idx`` (one t) at the last position as variant tokens of each row (``variant_tokens``): the
+    prefix is held once per row instead of once per (row, s). False (nothing written) where the model's check fails.
+    """
+    device = clean.streams.device
+    t, start = pairs[idx[0]][1], clean.enc.tokens.shape[1] - 1
+    sources = torch.tensor([pairs[i][0] for i in idx], device=device)
+    donor, donor_pos = donor.to(device), donor_pos.to(device)
+    step = _rows_per_call(model, clean, t, start)
+    for a in range(0, len(rows), step):
+        r = rows[a : a + step].to(device)
+        variants = clean.streams[sources[None] + 1, donor[a : a + step, None], donor_pos[a : a + step, None]]
+        mask, cache = clean.enc.attention_mask[r], prefix_cache(clean.kv, r, start, t + 1)
+        if a == 0 and not check_variant_path(model, variants, t + 1, mask, cache):  # checks on a copy of cache
+            return False
+        out[idx, a : a + step] = run_variants(model, variants, t + 1, mask, cache).transpose(0, 1).to(out.dtype)
+    return True
 
 
 def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, calls: BlockArgs) -> Tensor:

@@ -147,7 +147,7 @@ def prefix_cache(kv: DynamicCache, rows: Int[Tensor, " n"], end: int, from_layer
     return cache_of(layers)
 
 
-def _block_call(model, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache | None
+def block_call(model, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache | None
                 ) -> tuple[list, dict]:
     """The arguments the model passes to block 0 for ``n_new`` new tokens after ``cache`` (stopped there)."""
     captured: dict = {}
@@ -167,6 +167,9 @@ def _block_call(model, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: 
     if "args" not in captured:
         raise RuntimeError("the model never called blocks[0]; it cannot be re-run from a middle layer.")
     return captured["args"], captured["kwargs"]
+
+
+_CACHE = object()  # stands for the cache in a stored capture
 
 
 @dataclass
@@ -203,15 +206,26 @@ class BlockArgs:
         if cut_ok and torch.equal(got.mask[:n], attention_mask):
             return ([_adapt(a, got.rows, n, cache) for a in got.args],
                     {k: _adapt(v, got.rows, n, cache) for k, v in got.kwargs.items()})
-        args, kwargs = _block_call(self.model, n_new, attention_mask, cache)
-        if got is None or n >= got.rows:
-            self._captures[key] = _Capture(n, attention_mask, list(args), dict(kwargs))
+        args, kwargs = block_call(self.model, n_new, attention_mask, cache)
+        if got is None or n >= got.rows:  # kept without the hidden states and the cache, which every call replaces
+            self._captures[key] = _Capture(n, attention_mask, [None, *(_drop_cache(a) for a in args[1:])],
+                                           {k: None if k == "hidden_states" else _drop_cache(v)
+                                            for k, v in kwargs.items()})
         return args, kwargs
+
+
+def _drop_cache(value):
+    """``value`` with any cache object replaced by the ``_CACHE`` placeholder (``_adapt`` puts the call's back)."""
+    if isinstance(value, Cache):
+        return _CACHE
+    if isinstance(value, tuple | list):
+        return type(value)(_drop_cache(v) for v in value)
+    return value
 
 
 def _adapt(value, rows: int, n: int, cache: DynamicCache | None):
     """A captured block argument for the first ``n`` of ``rows`` rows and the call's ``cache``."""
-    if isinstance(value, Cache):
+    if value is _CACHE:
         return cache if cache is not None else DynamicCache()
     if isinstance(value, Tensor):
         return value[:n] if value.dim() and value.shape[0] == rows else value

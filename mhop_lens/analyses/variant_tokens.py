@@ -1,0 +1,113 @@
+"""Run k alternative residuals of a row's last position side by side, as k query tokens over one shared prefix.
+
+Back-patching at the last position gives every (query, target layer t) several variants of one residual (one per
+source layer s) over the same clean prefix. ``partial_forward.run_from`` puts each variant in its own batch row,
+so the prefix keys/values are copied once per variant. Here the variants of a row are k new tokens instead:
+each attends to the prefix and to itself only (the block-diagonal part of the 4D attention mask) at the position
+of the last token (position ids / rotary embeddings of that one position), so the prefix is held once per row.
+
+The block arguments are the model's own (captured like ``run_from``'s) with only those two changes;
+``check_variant_path`` compares the result with ``run_from`` once per model and callers fall back when it differs
+(an architecture whose blocks ignore the 4D mask, or take positions in a form this does not recognise).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformers import Cache, DynamicCache
+
+from mhop_lens.analyses.partial_forward import FAST_PATH_TOL, block_call, cache_of, run_from
+
+
+class Unsupported(Exception):
+    """The model's block arguments have a form ``variant_args`` cannot adapt."""
+
+
+def _fold(one, many, k: int, prefix: int):
+    """The argument for k variant tokens from the captures for 1 and for k new tokens (see the module doc)."""
+    if isinstance(many, Cache) or many is None or isinstance(many, bool | int | float | str):
+        return many
+    if isinstance(many, tuple | list):
+        return type(many)(_fold(a, b, k, prefix) for a, b in zip(one, many, strict=True))
+    if not isinstance(many, Tensor):
+        return many
+    if one.shape == many.shape:
+        return many
+    if many.dim() == 4 and many.shape[-2:] == (k, prefix + k) and one.shape[-2:] == (1, prefix + 1):
+        mask = many.clone()  # the 4D attention mask: the new x new block becomes the identity
+        allowed, blocked = one[..., :, prefix : prefix + 1], many[..., 0:1, prefix + 1 : prefix + 2]
+        eye = torch.eye(k, dtype=torch.bool, device=many.device)
+        mask[..., :, prefix:] = torch.where(eye, allowed, blocked)
+        return mask
+    differ = [d for d in range(many.dim()) if one.shape[d] != many.shape[d]]
+    if one.dim() == many.dim() and len(differ) == 1 and one.shape[differ[0]] == 1 and many.shape[differ[0]] == k:
+        return one.expand(*many.shape)  # positions: every variant sits at the last token's position
+    raise Unsupported(f"a block argument of shape {tuple(many.shape)} (vs {tuple(one.shape)} for one token)")
+
+
+def variant_args(model, k: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache) -> tuple[list, dict]:
+    """Block arguments for k variant tokens after ``cache`` (``attention_mask`` covers prefix + the last token)."""
+    prefix = cache.get_seq_length()
+    one_args, one_kwargs = block_call(model, 1, attention_mask, _copy(cache))
+    wide = torch.cat([attention_mask, attention_mask[:, -1:].expand(-1, k - 1)], dim=1)
+    many_args, many_kwargs = block_call(model, k, wide, _copy(cache))
+    args = [_fold(a, b, k, prefix) for a, b in zip(one_args, many_args, strict=True)]
+    kwargs = {name: _fold(one_kwargs[name], value, k, prefix) for name, value in many_kwargs.items()}
+    return args, kwargs
+
+
+def _copy(cache: DynamicCache) -> DynamicCache:
+    return cache_of([(entry.keys, entry.values) for entry in cache.layers])
+
+
+def run_variants(
+    model,
+    variants: Float[Tensor, "n k d_model"],
+    start: int,
+    attention_mask: Int[Tensor, "n pos"],
+    cache: DynamicCache,
+    args: tuple[list, dict] | None = None,
+) -> Float[Tensor, "n k vocab"]:
+    """Logits of each of the k variants of row i's last-position residual entering block ``start``.
+
+    ``cache``: the prefix keys/values (every position but the last) of every layer >= ``start``, extended in place;
+    ``args``: ``variant_args`` for this shape, reusable across calls with the same k, mask and prefix length.
+    """
+    block_args, block_kwargs = args or variant_args(model, variants.shape[1], attention_mask, cache)
+    block_args, block_kwargs = list(block_args), dict(block_kwargs)
+    for container, keys in ((block_args, range(len(block_args))), (block_kwargs, list(block_kwargs))):
+        for key in keys:
+            if isinstance(container[key], Cache):
+                container[key] = cache
+    hidden = variants
+    with torch.no_grad():
+        for layer in range(start, model.cfg.n_layers):
+            if block_args:
+                block_args[0] = hidden
+            else:
+                block_kwargs["hidden_states"] = hidden
+            out = model.blocks[layer](*block_args, **block_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return model.unembed(model.ln_final(hidden))
+
+
+def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int,
+                       attention_mask: Int[Tensor, "n pos"], cache: DynamicCache) -> bool:
+    """True when ``run_variants`` equals one ``run_from`` row per variant on these inputs (cached on the model)."""
+    known = getattr(model, "_mhop_variant_path_ok", None)
+    if known is not None:
+        return known
+    n, k = variants.shape[:2]
+    try:
+        got = run_variants(model, variants, start, attention_mask, _copy(cache))
+        rows = torch.arange(n, device=variants.device).repeat(k)
+        tiled = [(e.keys.index_select(0, rows), e.values.index_select(0, rows)) for e in cache.layers]
+        want = run_from(model, variants.transpose(0, 1).reshape(n * k, 1, -1), start, attention_mask[rows],
+                        cache_of(tiled))[:, -1].view(k, n, -1).transpose(0, 1)
+        ok = bool((got - want).abs().max() < FAST_PATH_TOL)
+    except Exception:  # noqa: BLE001 - Unsupported or any failure means: use one row per variant
+        ok = False
+    model._mhop_variant_path_ok = ok
+    return ok
