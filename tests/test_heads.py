@@ -128,7 +128,7 @@ def test_cli_generate_evaluate_find_intervene(tmp_path, gar_dir):
               "--n-per-task", "4", "--n-demos", "0"],
              ["gar", "evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev")],
              ["attribute", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "at"),
-              "--sites", "z", "--exact"],
+              "--sites", "z", "--exact", "--edges"],
              ["heads", "find", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "hf"),
               "--k", "2", "--group-by", "none"],
              ["heads", "intervene", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "hi"),
@@ -136,7 +136,7 @@ def test_cli_generate_evaluate_find_intervene(tmp_path, gar_dir):
     for args in calls:
         result = runner.invoke(main, args)
         assert result.exit_code == 0, (args[:2], result.output)
-    for table in ("ev/scores", "ev/accuracy", "ev/gap", "at/attribution", "at/exact", "hf/head_scores",
-                  "hi/interventions", "hi/summary"):
+    for table in ("ev/scores", "ev/accuracy", "ev/gap", "at/attribution", "at/exact", "at/edge_scores",
+                  "hf/head_scores", "hi/interventions", "hi/summary"):
         assert len(pd.read_parquet(tmp_path / f"{table}.parquet"))
     assert len(parse_heads(str(tmp_path / "hf"))) == 2 and parse_heads("L1H2,0.3") == [(1, 2), (0, 3)]

@@ -1,9 +1,9 @@
 """`mhop-lens attribute` and `mhop-lens heads find | intervene`: AtP, True/False heads, head interventions.
 
 Tables: ``attribute`` -> attribution.parquet (per pair x node[, span]), nodes.parquet (mean over pairs),
-exact.parquet + agreement.json with ``--exact``; ``heads find`` -> head_scores.parquet, top_heads.parquet,
-control.json, consistency.parquet; ``heads intervene`` -> interventions.parquet (per condition x task),
-summary.parquet.
+exact.parquet + agreement.json with ``--exact``, edges.parquet + edge_scores.parquet with ``--edges``;
+``heads find`` -> head_scores.parquet, top_heads.parquet, control.json, consistency.parquet;
+``heads intervene`` -> interventions.parquet (per condition x task), summary.parquet.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def _world(examples):
 @click.option("--per-span", is_flag=True, help="One score per role span (GAR roles / e1, r1, r2) instead of a sum.")
 @click.option("--ig-steps", type=int, default=0, show_default=True, help="Integrated-gradients steps (0 = AtP).")
 @click.option("--exact", is_flag=True, help="Also run exact patching of every node and report rank agreement.")
+@click.option("--edges", is_flag=True, help="Also score edges into the q/k/v inputs of later heads and to the output "
+                                            "(edge AtP): edges.parquet, edge_scores.parquet.")
 @friendly_errors
 def attribute(**kw) -> None:
     """Attribution patching of every head / MLP / residual node on counter-paired prompts.
@@ -107,6 +109,14 @@ def attribute(**kw) -> None:
                              if (exact["site"] == s).sum() >= 3 * len(clean)}
         info["exact"] = exact.attrs
         click.echo(f"rank agreement AtP vs exact: {info['agreement']}")
+    if kw["edges"]:
+        from mhop_lens.analyses.edge_attribution import aggregate_edges, attribute_edges
+
+        edges = attribute_edges(model, clean, corrupt, metric, per_position=spans if kw["per_span"] else False,
+                                batch_size=kw["batch_size"], pair_ids=ids, progress=True)
+        store.write("edges", edges)
+        store.write("edge_scores", aggregate_edges(edges, "atp"))
+        info["edges"] = edges.attrs
     store.write_json("attribution.json", info)
     click.echo(f"{info['forwards_per_batch']:.0f} forwards + {info['backwards_per_batch']:.0f} backward per batch; "
                f"wrote {store.dir}")
