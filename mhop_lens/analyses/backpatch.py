@@ -127,7 +127,8 @@ def _variants(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pa
         r = rows[a : a + step].to(device)
         variants = clean.streams[sources[None] + 1, donor[a : a + step, None], donor_pos[a : a + step, None]]
         mask, cache = clean.enc.attention_mask[r], prefix_cache(clean.kv, r, start, t + 1)
-        if a == 0 and not check_variant_path(model, variants, t + 1, mask, cache):  # checks on a copy of cache
+        if a == 0 and not check_variant_path(model, variants[:4], t + 1, mask[:4],  # once per model, on 4 rows
+                                             prefix_cache(clean.kv, r[:4], start, t + 1)):
             return False
         out[idx, a : a + step] = run_variants(model, variants, t + 1, mask, cache).transpose(0, 1).to(out.dtype)
     return True
