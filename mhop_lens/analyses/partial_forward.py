@@ -250,9 +250,16 @@ def run_from(
     The cache is extended in place, so build a fresh one per call. Sweeps pass one ``block_args`` to all calls.
     """
     args, kwargs = (block_args or BlockArgs(model))(resid.shape[1], attention_mask, cache)
-    hidden = resid
     hooked = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
-    with torch.no_grad(), hooked:  # the bridge's hooks context costs ~1 ms: skipped when there is nothing to add
+    with hooked:  # the bridge's hooks context costs ~1 ms: skipped when there is nothing to add
+        return run_blocks(model, resid, start, args, kwargs)
+
+
+def run_blocks(model, hidden: Float[Tensor, "n new d_model"], start: int, args: list, kwargs: dict
+               ) -> Float[Tensor, "n new vocab"]:
+    """Blocks ``start..L-1`` then ``ln_final`` + unembed, each block called with ``args`` / ``kwargs`` (captured
+    block arguments; the hidden states are put in place of the first argument)."""
+    with torch.no_grad():
         for layer in range(start, model.cfg.n_layers):
             if args:
                 args[0] = hidden

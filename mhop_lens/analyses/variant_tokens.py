@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import Cache, DynamicCache
 
-from mhop_lens.analyses.partial_forward import FAST_PATH_TOL, block_call, cache_of, run_from
+from mhop_lens.analyses.partial_forward import FAST_PATH_TOL, block_call, cache_of, run_blocks, run_from
 
 
 class Unsupported(Exception):
@@ -81,16 +81,7 @@ def run_variants(
         for key in keys:
             if isinstance(container[key], Cache):
                 container[key] = cache
-    hidden = variants
-    with torch.no_grad():
-        for layer in range(start, model.cfg.n_layers):
-            if block_args:
-                block_args[0] = hidden
-            else:
-                block_kwargs["hidden_states"] = hidden
-            out = model.blocks[layer](*block_args, **block_kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return model.unembed(model.ln_final(hidden))
+    return run_blocks(model, variants, start, block_args, block_kwargs)
 
 
 def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int,
