@@ -165,6 +165,19 @@ def _frame(scores: dict[tuple[str, int], Tensor], rows: Tensor, pair_ids, roles:
     return out
 
 
+def span_roles(per_position: bool | Sequence[SpanMap], n_pairs: int, roles: Sequence[str] | None
+               ) -> tuple[list[SpanMap] | None, list[str] | None]:
+    """The span maps of ``per_position`` (None when it is a bool) and the role order: ``roles`` (default: every role
+    present, sorted) with ``OTHER`` last."""
+    if isinstance(per_position, bool):
+        return None, None if roles is None else list(roles)
+    spans = list(per_position)
+    if len(spans) != n_pairs:
+        raise SpanError(f"{len(spans)} span maps for {n_pairs} pairs; pass one per pair.")
+    roles = list(roles) if roles else sorted({r for s in spans for r in s})
+    return spans, [r for r in roles if r != OTHER] + [OTHER]
+
+
 def attribute(
     model,
     clean_prompts: Sequence[str],
@@ -187,12 +200,7 @@ def attribute(
     (midpoint rule; ``ig_steps`` interpolation points per (layer, site), batched). Columns ``metric_clean`` /
     ``metric_corrupt`` hold the pair's metric; ``frame.attrs`` holds pass counts and time per batch.
     """
-    spans = None if isinstance(per_position, bool) else list(per_position)
-    if spans is not None and len(spans) != len(clean_prompts):
-        raise SpanError(f"{len(spans)} span maps for {len(clean_prompts)} pairs; pass one per pair.")
-    if spans is not None:
-        roles = list(roles) if roles else sorted({r for s in spans for r in s})
-        roles = [r for r in roles if r != OTHER] + [OTHER]
+    spans, roles = span_roles(per_position, len(clean_prompts), roles)
     named = site_hooks(model, sites)
     counter = Counter()
     frames = []

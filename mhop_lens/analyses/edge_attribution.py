@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 
 from mhop_lens import hooks
 from mhop_lens.analyses.attribution import (
-    OTHER,
     Counter,
     SpanMap,
     capture_into,
@@ -44,9 +43,10 @@ from mhop_lens.analyses.attribution import (
     end_logits,
     grad_root,
     role_index,
+    span_roles,
 )
 from mhop_lens.analyses.metrics import Metric
-from mhop_lens.errors import SpanError
+from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import run
 from mhop_lens.tokens import Encoded
 
@@ -71,7 +71,7 @@ class Edge(NamedTuple):
 def split_input(layer: int, side: str) -> str:
     """Hook of head-wise residual copies feeding block ``layer``'s q, k or v projection (split-input mode only)."""
     if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, not {side!r}.")
+        raise MhopLensError(f"side must be one of {SIDES}, not {side!r}.")
     return f"blocks.{layer}.hook_{side}_input"
 
 
@@ -193,14 +193,9 @@ def attribute_edges(
     """
     bad = [s for s in sides if s not in SIDES] + [u for u in upstream if u not in UPSTREAM]
     if bad or not sides or not upstream:
-        raise ValueError(f"bad or empty sides/upstream ({bad or 'empty'}); sides from {SIDES}, upstream from "
+        raise MhopLensError(f"bad or empty sides/upstream ({bad or 'empty'}); sides from {SIDES}, upstream from "
                          f"{UPSTREAM}.")
-    spans = None if isinstance(per_position, bool) else list(per_position)
-    if spans is not None and len(spans) != len(clean_prompts):
-        raise SpanError(f"{len(spans)} span maps for {len(clean_prompts)} pairs; pass one per pair.")
-    if spans is not None:
-        roles = list(roles) if roles else sorted({r for s in spans for r in s})
-        roles = [r for r in roles if r != OTHER] + [OTHER]
+    spans, roles = span_roles(per_position, len(clean_prompts), roles)
     up_names = _upstream_names(model)
     down_names = [(l, s, split_input(l, s)) for l in range(model.cfg.n_layers) for s in sides]
     counter = Counter()
@@ -314,7 +309,7 @@ def exact_edge_patching(
     edges = edges_from(edges)
     for e in edges:
         if e.side not in SIDES + ("out",) or (e.up_kind != "embed" and e.up_layer >= e.down_layer):
-            raise ValueError(f"not an edge: {e} (upstream must be in an earlier layer; side in q/k/v/out).")
+            raise MhopLensError(f"not an edge: {e} (upstream must be in an earlier layer; side in q/k/v/out).")
     up_names = _upstream_names(model)
     counter = Counter()
     frames = []
@@ -381,7 +376,7 @@ def edge_agreement(atp: pd.DataFrame, exact: pd.DataFrame) -> dict:
     a, e = aggregate_edges(atp, "atp"), aggregate_edges(exact, "exact")
     m = a.merge(e, on=[k for k in EDGE_KEYS if k in a.columns and k in e.columns], suffixes=("_atp", "_exact"))
     if len(m) < 3:
-        raise ValueError(f"need >= 3 common edges to correlate, got {len(m)}.")
+        raise MhopLensError(f"need >= 3 common edges to correlate, got {len(m)}.")
     top = m["mean_exact"].abs().idxmax()
     return {"n_edges": len(m),
             "spearman": float(spearmanr(m["mean_atp"], m["mean_exact"]).statistic),
