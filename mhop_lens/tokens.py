@@ -47,6 +47,21 @@ class Encoded:
         """One position per row for one span per row."""
         return torch.tensor([self.position(i, s, which) for i, s in enumerate(spans)], dtype=torch.long)
 
+    def select(self, rows: Int[Tensor, " n"] | Sequence[int] | slice) -> Encoded:
+        """The rows ``rows`` (indices, repeats allowed, or a slice) as a batch of their own."""
+        if isinstance(rows, slice):
+            idx = list(range(len(self.prompts)))[rows]
+        else:
+            idx = rows.tolist() if isinstance(rows, Tensor) else list(rows)
+        t = torch.tensor(idx, dtype=torch.long, device=self.tokens.device)
+        return Encoded(self.tokens[t], self.attention_mask[t], [self.offsets[i] for i in idx],
+                       self.lengths[t.to(self.lengths.device)], self.padding_side, [self.prompts[i] for i in idx])
+
+    def repeat(self, k: int) -> Encoded:
+        """The batch stacked ``k`` times (copy j holds rows j*n .. j*n + n - 1)."""
+        return Encoded(self.tokens.repeat(k, 1), self.attention_mask.repeat(k, 1), self.offsets * k,
+                       self.lengths.repeat(k), self.padding_side, self.prompts * k)
+
     def to(self, device) -> Encoded:
         self.tokens = self.tokens.to(device)
         self.attention_mask = self.attention_mask.to(device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _passes import independent_pass_count
 
 from mhop_lens import hooks
 from mhop_lens.analyses import metrics
@@ -110,22 +111,8 @@ def test_incoming_edges_sum_to_the_whole_side_input(tiny_models):
 def test_two_forwards_one_backward_counted_by_independent_hooks(tiny_models):
     model = tiny_models["llama"]
     clean, corrupt, metric = _pairs(model)
-    counts = {"fwd": 0, "bwd": 0}
-
-    def on_embed(module, args, output):
-        counts["fwd"] += 1
-
-    def on_final(module, args, output):
-        if output.requires_grad:
-            output.register_hook(lambda g: counts.__setitem__("bwd", counts["bwd"] + 1))
-
-    handles = [model.hook_dict["hook_embed"].register_forward_hook(on_embed),
-               model.hook_dict["ln_final.hook_in"].register_forward_hook(on_final)]
-    try:
+    with independent_pass_count(model) as counts:
         frame = attribute_edges(model, clean, corrupt, metric, batch_size=len(clean))
-    finally:
-        for h in handles:
-            h.remove()
     assert counts == {"fwd": 2, "bwd": 1}
     assert frame.attrs["forwards_per_batch"] == 2 and frame.attrs["backwards_per_batch"] == 1
     assert all(p.grad is None for p in model.parameters())

@@ -13,8 +13,9 @@ Sites: ``"z"`` = each head's ``hook_z`` (one node per layer x head), ``"mlp_out"
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -70,7 +71,38 @@ def encode_pairs(model, clean: Sequence[str], corrupted: Sequence[str]) -> tuple
                         f"(e.g. pair {i}: {int(enc.lengths[i])} vs {int(enc.lengths[n + i])} tokens, "
                         f"{clean[i]!r} / {corrupted[i]!r}); positions must align. Keep only aligned pairs "
                         "(mhop_lens.analyses.attribution.aligned_pairs) or use same-length distractors.")
-    return _rows(enc, slice(0, n)), _rows(enc, slice(n, 2 * n))
+    return enc.select(slice(0, n)), enc.select(slice(n, 2 * n))
+
+
+class PairBatch(NamedTuple):
+    start: int  # index of the batch's first pair
+    rows: Int[Tensor, " b"]  # pair indices of the batch
+    clean: Encoded
+    corrupt: Encoded
+
+
+def pair_batches(model, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], batch_size: int,
+                 desc: str, progress: bool = False) -> Iterator[PairBatch]:
+    """Consecutive batches of pairs, clean and corrupted encoded together (``encode_pairs``: positions align)."""
+    for start in tqdm(range(0, len(clean_prompts), batch_size), desc=desc, disable=not progress):
+        sl = slice(start, start + batch_size)
+        clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
+        yield PairBatch(start, torch.arange(start, min(start + batch_size, len(clean_prompts))), clean, corrupt)
+
+
+def with_metrics(frame: pd.DataFrame, batch: PairBatch, m_clean: Tensor, m_corrupt: Tensor) -> pd.DataFrame:
+    """``frame`` (rows keyed by ``pair``) with each pair's clean and corrupted metric as columns."""
+    at = frame["pair"].to_numpy() - batch.start
+    frame["metric_clean"] = m_clean.detach().cpu().double().numpy()[at]
+    frame["metric_corrupt"] = m_corrupt.detach().cpu().double().numpy()[at]
+    return frame
+
+
+def pass_counts(counter: Counter, n_batches: int) -> dict:
+    """``frame.attrs`` entries: passes run, per batch, and seconds."""
+    return dict(forwards=counter.forward, backwards=counter.backward, batches=n_batches,
+                forwards_per_batch=counter.forward / n_batches, backwards_per_batch=counter.backward / n_batches,
+                seconds=counter.seconds)
 
 
 def aligned_pairs(model, clean: Sequence[str], corrupted: Sequence[str]) -> list[int]:
@@ -78,11 +110,6 @@ def aligned_pairs(model, clean: Sequence[str], corrupted: Sequence[str]) -> list
     enc = encode(model, list(clean) + list(corrupted))
     n = len(clean)
     return [i for i in range(n) if int(enc.lengths[i]) == int(enc.lengths[n + i])]
-
-
-def _rows(enc: Encoded, sl: slice) -> Encoded:
-    return Encoded(enc.tokens[sl], enc.attention_mask[sl], enc.offsets[sl], enc.lengths[sl], enc.padding_side,
-                   enc.prompts[sl])
 
 
 def end_logits(logits: Float[Tensor, "batch pos vocab"], enc: Encoded, repeat: int = 1) -> Float[Tensor, "b vocab"]:
@@ -204,28 +231,21 @@ def attribute(
     named = site_hooks(model, sites)
     counter = Counter()
     frames = []
-    starts = range(0, len(clean_prompts), batch_size)
-    for start in tqdm(starts, desc="attribution", disable=not progress):
-        sl = slice(start, start + batch_size)
-        rows = torch.arange(start, min(start + batch_size, len(clean_prompts)))
-        clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
-        role_idx = role_index(clean, spans[sl], roles) if spans is not None else None
+    for batch in pair_batches(model, clean_prompts, corrupted_prompts, batch_size, "attribution", progress):
+        sl = slice(batch.start, batch.start + batch_size)
+        role_idx = role_index(batch.clean, spans[sl], roles) if spans is not None else None
         t0 = time.perf_counter()
         step = _atp_batch if ig_steps <= 0 else _ig_batch
-        scores, m_clean, m_corrupt = step(model, clean, corrupt, metric, rows, named, counter, ig_steps)
+        scores, m_clean, m_corrupt = step(model, batch.clean, batch.corrupt, metric, batch.rows, named, counter,
+                                          ig_steps)
         counter.seconds += time.perf_counter() - t0
         reduced = {k: _reduce(v, None if role_idx is None else role_idx.to(v.device), len(roles or [0]))
                    for k, v in scores.items()}
-        frame = _frame(reduced, rows, None if pair_ids is None else pair_ids, roles if spans is not None else None,
+        frame = _frame(reduced, batch.rows, pair_ids, roles if spans is not None else None,
                        "atp" if ig_steps <= 0 else "atp_ig")
-        frame["metric_clean"] = m_clean.detach().cpu().double().numpy()[frame["pair"].to_numpy() - start]
-        frame["metric_corrupt"] = m_corrupt.detach().cpu().double().numpy()[frame["pair"].to_numpy() - start]
-        frames.append(frame)
+        frames.append(with_metrics(frame, batch, m_clean, m_corrupt))
     out = pd.concat(frames, ignore_index=True)
-    n_batches = len(starts)
-    out.attrs.update(forwards=counter.forward, backwards=counter.backward, batches=n_batches,
-                     forwards_per_batch=counter.forward / n_batches, backwards_per_batch=counter.backward / n_batches,
-                     seconds=counter.seconds, ig_steps=ig_steps)
+    out.attrs.update(pass_counts(counter, len(frames)), ig_steps=ig_steps)
     return out
 
 
@@ -300,9 +320,7 @@ def _ig_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Ten
     clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
     corrupt_acts, m_corrupt = _clean_cache(model, corrupt, named, counter, metric, rows)
     alphas = (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps
-    tokens = Encoded(corrupt.tokens.repeat(ig_steps, 1), corrupt.attention_mask.repeat(ig_steps, 1),
-                     corrupt.offsets * ig_steps, corrupt.lengths.repeat(ig_steps), corrupt.padding_side,
-                     corrupt.prompts * ig_steps)
+    tokens = corrupt.repeat(ig_steps)
     b = corrupt.tokens.shape[0]
     scores = {}
     for site, layer, name in named:
@@ -362,11 +380,8 @@ def exact_patching(
     name_of = {(s, l): n for s, l, n in named}
     counter = Counter()
     frames = []
-    starts = range(0, len(clean_prompts), batch_size)
-    for start in tqdm(starts, desc="exact patching", disable=not progress):
-        sl = slice(start, start + batch_size)
-        rows = torch.arange(start, min(start + batch_size, len(clean_prompts)))
-        clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
+    for batch in pair_batches(model, clean_prompts, corrupted_prompts, batch_size, "exact patching", progress):
+        rows, clean, corrupt = batch.rows, batch.clean, batch.corrupt
         t0 = time.perf_counter()
         clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
         m_corrupt = metric(end_logits(run(model, corrupt, counting_hooks(counter)), corrupt), rows)
@@ -379,23 +394,15 @@ def exact_patching(
             for g, (s, l, h) in enumerate(group):
                 by_site.setdefault((s, l), []).append((g, h))
             fwd = [(name_of[k], _patch_hook(k[0], v, clean_acts[k], b, alpha)) for k, v in by_site.items()]
-            tokens = Encoded(corrupt.tokens.repeat(len(group), 1), corrupt.attention_mask.repeat(len(group), 1),
-                             corrupt.offsets * len(group), corrupt.lengths.repeat(len(group)), corrupt.padding_side,
-                             corrupt.prompts * len(group))
-            logits = run(model, tokens, fwd + counting_hooks(counter))
+            logits = run(model, corrupt.repeat(len(group)), fwd + counting_hooks(counter))
             m = metric(end_logits(logits, corrupt, len(group)), rows.repeat(len(group))).view(len(group), b)
             for g, (s, l, h) in enumerate(group):
                 col = effects.setdefault((s, l), torch.zeros(b, 1, model.cfg.n_heads if s == "z" else 1))
                 col[:, 0, max(h, 0)] = (m[g] - m_corrupt).cpu()
         counter.seconds += time.perf_counter() - t0
-        frame = _frame(effects, rows, pair_ids, None, "exact")
-        frame["metric_clean"] = m_clean.cpu().double().numpy()[frame["pair"].to_numpy() - start]
-        frame["metric_corrupt"] = m_corrupt.cpu().double().numpy()[frame["pair"].to_numpy() - start]
-        frames.append(frame)
+        frames.append(with_metrics(_frame(effects, rows, pair_ids, None, "exact"), batch, m_clean, m_corrupt))
     out = pd.concat(frames, ignore_index=True)
-    out.attrs.update(forwards=counter.forward, backwards=counter.backward, batches=len(starts),
-                     forwards_per_batch=counter.forward / len(starts), seconds=counter.seconds,
-                     rows_per_forward=max_rows)
+    out.attrs.update(pass_counts(counter, len(frames)), rows_per_forward=max_rows)
     return out
 
 

@@ -156,10 +156,7 @@ def backpatch_reference_logits(
 ) -> Float[Tensor, "pair m vocab"]:
     """The plain per-pair implementation: one batched full forward per (s, t) with ``replace_positions``."""
     rows, pos, donor, donor_pos = (x.cpu() for x in (rows, pos, donor, donor_pos))
-    device = clean.enc.tokens.device
-    sub = Encoded(clean.enc.tokens[rows.to(device)], clean.enc.attention_mask[rows.to(device)],
-                  [clean.enc.offsets[i] for i in rows.tolist()], clean.enc.lengths[rows.to(device)],
-                  clean.enc.padding_side, [clean.enc.prompts[i] for i in rows.tolist()])
+    sub = clean.enc.select(rows)
     out = []
     for s, t in pairs:
         values = clean.resid_post(s)[donor, donor_pos][:, None]

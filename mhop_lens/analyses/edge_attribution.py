@@ -31,7 +31,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mhop_lens import hooks
 from mhop_lens.analyses.attribution import (
@@ -39,11 +38,13 @@ from mhop_lens.analyses.attribution import (
     SpanMap,
     capture_into,
     counting_hooks,
-    encode_pairs,
     end_logits,
     grad_root,
+    pair_batches,
+    pass_counts,
     role_index,
     span_roles,
+    with_metrics,
 )
 from mhop_lens.analyses.metrics import Metric
 from mhop_lens.errors import MhopLensError
@@ -200,29 +201,27 @@ def attribute_edges(
     down_names = [(l, s, split_input(l, s)) for l in range(model.cfg.n_layers) for s in sides]
     counter = Counter()
     frames = []
-    starts = range(0, len(clean_prompts), batch_size)
     with split_qkv_inputs(model):
         hooks.validate(model, [n for _, _, n in down_names])
-        for start in tqdm(starts, desc="edge attribution", disable=not progress):
-            sl = slice(start, start + batch_size)
-            rows = torch.arange(start, min(start + batch_size, len(clean_prompts)))
-            clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
-            role_idx = role_index(clean, spans[sl], roles) if spans is not None else None
+        for batch in pair_batches(model, clean_prompts, corrupted_prompts, batch_size, "edge attribution", progress):
+            sl = slice(batch.start, batch.start + batch_size)
+            role_idx = role_index(batch.clean, spans[sl], roles) if spans is not None else None
             t0 = time.perf_counter()
-            scores, m_clean, m_corrupt = _edge_batch(model, clean, corrupt, metric, rows, up_names, down_names,
-                                                     upstream, output, role_idx, len(roles or [0]), counter)
+            scores, m_clean, m_corrupt = _edge_batch(model, batch.clean, batch.corrupt, metric, batch.rows, up_names,
+                                                     down_names, upstream, output, role_idx, len(roles or [0]),
+                                                     counter)
             counter.seconds += time.perf_counter() - t0
-            frame = _edge_frame(model, scores, rows, roles if spans is not None else None)
-            frame["metric_clean"] = m_clean.cpu().double().numpy()[frame["pair"].to_numpy() - start]
-            frame["metric_corrupt"] = m_corrupt.cpu().double().numpy()[frame["pair"].to_numpy() - start]
-            frames.append(frame)
-    out = pd.concat(frames, ignore_index=True)
-    if pair_ids is not None:
-        out.insert(1, "pair_id", np.asarray(pair_ids, dtype=object)[out["pair"].to_numpy()])
-    n = len(starts)
-    out.attrs.update(forwards=counter.forward, backwards=counter.backward, batches=n, forwards_per_batch=
-                     counter.forward / n, backwards_per_batch=counter.backward / n, seconds=counter.seconds)
+            frame = _edge_frame(model, scores, batch.rows, roles if spans is not None else None)
+            frames.append(with_metrics(frame, batch, m_clean, m_corrupt))
+    out = _with_pair_ids(pd.concat(frames, ignore_index=True), pair_ids)
+    out.attrs.update(pass_counts(counter, len(frames)))
     return out
+
+
+def _with_pair_ids(frame: pd.DataFrame, pair_ids: Sequence | None) -> pd.DataFrame:
+    if pair_ids is not None:
+        frame.insert(1, "pair_id", np.asarray(pair_ids, dtype=object)[frame["pair"].to_numpy()])
+    return frame
 
 
 def _edge_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Tensor, up_names, down_names,
@@ -313,12 +312,10 @@ def exact_edge_patching(
     up_names = _upstream_names(model)
     counter = Counter()
     frames = []
-    starts = range(0, len(clean_prompts), batch_size)
     with split_qkv_inputs(model):
-        for start in tqdm(starts, desc="exact edge patching", disable=not progress):
-            sl = slice(start, start + batch_size)
-            rows = torch.arange(start, min(start + batch_size, len(clean_prompts)))
-            clean, corrupt = encode_pairs(model, clean_prompts[sl], corrupted_prompts[sl])
+        for batch in pair_batches(model, clean_prompts, corrupted_prompts, batch_size, "exact edge patching",
+                                  progress):
+            rows, clean, corrupt = batch.rows, batch.clean, batch.corrupt
             t0 = time.perf_counter()
             acts: list[dict] = [{}, {}]
             ms = []
@@ -339,10 +336,7 @@ def exact_edge_patching(
                     by_hook.setdefault(name, []).append((g, e.down_head if e.side != "out" else -1, delta))
                 fwd = [(n, _edge_hook(v, b, alpha)) for n, v in by_hook.items()] + counting_hooks(counter)
                 k = len(group)
-                tokens = Encoded(corrupt.tokens.repeat(k, 1), corrupt.attention_mask.repeat(k, 1),
-                                 corrupt.offsets * k, corrupt.lengths.repeat(k), corrupt.padding_side,
-                                 corrupt.prompts * k)
-                m = metric(end_logits(run(model, tokens, fwd), corrupt, k), rows.repeat(k)).view(k, b)
+                m = metric(end_logits(run(model, corrupt.repeat(k), fwd), corrupt, k), rows.repeat(k)).view(k, b)
                 effects[i : i + k] = (m - ms[1]).cpu().double().numpy()
             counter.seconds += time.perf_counter() - t0
             frame = pd.DataFrame([
@@ -351,10 +345,8 @@ def exact_edge_patching(
                  "metric_clean": float(ms[0][j]), "metric_corrupt": float(ms[1][j])}
                 for g, e in enumerate(edges) for j in range(b)])
             frames.append(frame)
-    out = pd.concat(frames, ignore_index=True)
-    if pair_ids is not None:
-        out.insert(1, "pair_id", np.asarray(pair_ids, dtype=object)[out["pair"].to_numpy()])
-    out.attrs.update(forwards=counter.forward, batches=len(starts), seconds=counter.seconds, alpha=alpha)
+    out = _with_pair_ids(pd.concat(frames, ignore_index=True), pair_ids)
+    out.attrs.update(pass_counts(counter, len(frames)), alpha=alpha)
     return out
 
 

@@ -27,7 +27,14 @@ from torch import Tensor
 
 from mhop_lens import hooks
 from mhop_lens.analyses import metrics
-from mhop_lens.analyses.attribution import SpanMap, aggregate, aligned_pairs, attribute, encode_pairs, exact_patching
+from mhop_lens.analyses.attribution import (
+    SpanMap,
+    aggregate,
+    aligned_pairs,
+    attribute,
+    exact_patching,
+    pair_batches,
+)
 from mhop_lens.errors import DataError
 from mhop_lens.forward import run_with_cache
 from mhop_lens.positions import token_positions
@@ -121,9 +128,8 @@ def _activation_stats(model, pairs: PairSet, batch_size: int, roles: Sequence[st
     names = [hooks.head(l, s) for l in range(n_layers) for s in ("z", "pattern")]
     z_true, z_false = [], []
     mass: dict[str, list[tuple[Tensor, Tensor]]] = {r: [] for r in roles}
-    for start in range(0, len(pairs), batch_size):
-        sl = slice(start, start + batch_size)
-        clean, corrupt = encode_pairs(model, pairs.clean[sl], pairs.corrupted[sl])
+    for batch in pair_batches(model, pairs.clean, pairs.corrupted, batch_size, "head activations"):
+        sl, clean, corrupt = slice(batch.start, batch.start + batch_size), batch.clean, batch.corrupt
         _, c_cache = run_with_cache(model, clean, names)
         _, k_cache = run_with_cache(model, corrupt, names)
         rows = torch.arange(clean.tokens.shape[0])

@@ -36,7 +36,7 @@ from mhop_lens.analyses.partial_forward import (
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import last_logits
-from mhop_lens.tokens import Encoded, encode, first_token_ids
+from mhop_lens.tokens import encode, first_token_ids
 
 Metric = Callable[[Float[Tensor, "n vocab"], Int[Tensor, " n"], Int[Tensor, " n"]], Float[Tensor, " n"]]
 SITES = ("resid", "heads")
@@ -74,13 +74,6 @@ def counterfactual_pairs(queries: Sequence[TwoHopQuery], seed: int = 0) -> list[
     return out
 
 
-def _sub(enc: Encoded, rows: Tensor) -> Encoded:
-    idx = rows.tolist()
-    dev = rows.to(enc.tokens.device)
-    return Encoded(enc.tokens[dev], enc.attention_mask[dev], [enc.offsets[i] for i in idx], enc.lengths[dev],
-                   enc.padding_side, [enc.prompts[i] for i in idx])
-
-
 def prepare(model, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str], sites: str
             ) -> tuple[CleanRun, CleanRun]:
     """Cached clean and corrupted runs, encoded together so positions align; pairs must have equal lengths."""
@@ -96,7 +89,7 @@ def prepare(model, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str],
     split = []
     for part in (torch.arange(n), torch.arange(n, 2 * n)):
         dev = part.to(both.streams.device)
-        split.append(CleanRun(_sub(enc, part), both.streams[:, dev], _kv_rows(both.kv, dev), both.last_logits[dev],
+        split.append(CleanRun(enc.select(part), both.streams[:, dev], _kv_rows(both.kv, dev), both.last_logits[dev],
                               {k: v[dev] for k, v in both.acts.items()}))
     return split[0], split[1]
 
