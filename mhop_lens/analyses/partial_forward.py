@@ -204,13 +204,10 @@ class BlockArgs:
         # cutting rows is ambiguous when the captured row count equals another size of the arguments
         cut_ok = got is not None and (n == got.rows or (n < got.rows and got.rows not in (n_new, cached, width)))
         if cut_ok and torch.equal(got.mask[:n], attention_mask):
-            return ([_adapt(a, got.rows, n, cache) for a in got.args],
-                    {k: _adapt(v, got.rows, n, cache) for k, v in got.kwargs.items()})
+            return for_call(got.args, got.kwargs, cache, got.rows, n)
         args, kwargs = block_call(self.model, n_new, attention_mask, cache)
         if got is None or n >= got.rows:  # kept without the hidden states and the cache, which every call replaces
-            self._captures[key] = _Capture(n, attention_mask, [None, *(_drop_cache(a) for a in args[1:])],
-                                           {k: None if k == "hidden_states" else _drop_cache(v)
-                                            for k, v in kwargs.items()})
+            self._captures[key] = _Capture(n, attention_mask, *stored(args, kwargs))
         return args, kwargs
 
 
@@ -221,6 +218,19 @@ def _drop_cache(value):
     if isinstance(value, tuple | list):
         return type(value)(_drop_cache(v) for v in value)
     return value
+
+
+def stored(args: list, kwargs: dict) -> tuple[list, dict]:
+    """Captured block arguments without the hidden states and the cache, safe to keep and reuse (see ``for_call``)."""
+    return ([None, *(_drop_cache(a) for a in args[1:])],
+            {k: None if k == "hidden_states" else _drop_cache(v) for k, v in kwargs.items()})
+
+
+def for_call(args: list, kwargs: dict, cache: DynamicCache | None, rows: int = -1, n: int = -1
+             ) -> tuple[list, dict]:
+    """``stored`` arguments with the call's ``cache`` put back (and row-batched tensors of ``rows`` rows cut to
+    the first ``n``)."""
+    return [_adapt(a, rows, n, cache) for a in args], {k: _adapt(v, rows, n, cache) for k, v in kwargs.items()}
 
 
 def _adapt(value, rows: int, n: int, cache: DynamicCache | None):

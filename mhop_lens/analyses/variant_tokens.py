@@ -18,7 +18,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import Cache, DynamicCache
 
-from mhop_lens.analyses.partial_forward import FAST_PATH_TOL, block_call, cache_of, run_blocks, run_from
+from mhop_lens.analyses.partial_forward import (
+    FAST_PATH_TOL,
+    block_call,
+    cache_of,
+    for_call,
+    run_blocks,
+    run_from,
+    stored,
+)
 
 
 class Unsupported(Exception):
@@ -48,18 +56,15 @@ def _fold(one, many, k: int, prefix: int):
 
 
 def variant_args(model, k: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache) -> tuple[list, dict]:
-    """Block arguments for k variant tokens after ``cache`` (``attention_mask`` covers prefix + the last token)."""
+    """Block arguments for k variant tokens after ``cache`` (``attention_mask`` covers prefix + the last token),
+    in ``partial_forward.stored`` form."""
     prefix = cache.get_seq_length()
-    one_args, one_kwargs = block_call(model, 1, attention_mask, _copy(cache))
+    one_args, one_kwargs = block_call(model, 1, attention_mask, cache)  # stops before block 0: cache untouched
     wide = torch.cat([attention_mask, attention_mask[:, -1:].expand(-1, k - 1)], dim=1)
-    many_args, many_kwargs = block_call(model, k, wide, _copy(cache))
+    many_args, many_kwargs = block_call(model, k, wide, cache)
     args = [_fold(a, b, k, prefix) for a, b in zip(one_args, many_args, strict=True)]
     kwargs = {name: _fold(one_kwargs[name], value, k, prefix) for name, value in many_kwargs.items()}
-    return args, kwargs
-
-
-def _copy(cache: DynamicCache) -> DynamicCache:
-    return cache_of([(entry.keys, entry.values) for entry in cache.layers])
+    return stored(args, kwargs)
 
 
 def run_variants(
@@ -68,20 +73,13 @@ def run_variants(
     start: int,
     attention_mask: Int[Tensor, "n pos"],
     cache: DynamicCache,
-    args: tuple[list, dict] | None = None,
 ) -> Float[Tensor, "n k vocab"]:
     """Logits of each of the k variants of row i's last-position residual entering block ``start``.
 
-    ``cache``: the prefix keys/values (every position but the last) of every layer >= ``start``, extended in place;
-    ``args``: ``variant_args`` for this shape, reusable across calls with the same k, mask and prefix length.
+    ``cache``: the prefix keys/values (every position but the last) of every layer >= ``start``, extended in place.
     """
-    block_args, block_kwargs = args or variant_args(model, variants.shape[1], attention_mask, cache)
-    block_args, block_kwargs = list(block_args), dict(block_kwargs)
-    for container, keys in ((block_args, range(len(block_args))), (block_kwargs, list(block_kwargs))):
-        for key in keys:
-            if isinstance(container[key], Cache):
-                container[key] = cache
-    return run_blocks(model, variants, start, block_args, block_kwargs)
+    args, kwargs = for_call(*variant_args(model, variants.shape[1], attention_mask, cache), cache)
+    return run_blocks(model, variants, start, args, kwargs)
 
 
 def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int,
@@ -92,7 +90,7 @@ def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int
         return known
     n, k = variants.shape[:2]
     try:
-        got = run_variants(model, variants, start, attention_mask, _copy(cache))
+        got = run_variants(model, variants, start, attention_mask, cache_of([(e.keys, e.values) for e in cache.layers]))
         rows = torch.arange(n, device=variants.device).repeat(k)
         tiled = [(e.keys.index_select(0, rows), e.values.index_select(0, rows)) for e in cache.layers]
         want = run_from(model, variants.transpose(0, 1).reshape(n * k, 1, -1), start, attention_mask[rows],
