@@ -88,13 +88,37 @@ def tokenize_one(model, prompt: str) -> tuple[list[int], list[tuple[int, int] | 
     return tokenize_many(model, [prompt])[0]
 
 
+def _backend(tok):
+    """The Rust tokenizer behind a fast HF tokenizer, when calling it directly gives what ``tok(...)`` gives.
+
+    ``tok(texts, add_special_tokens=False)`` first resets the backend's padding / truncation / special-token
+    splitting and then calls ``encode_batch``; skipping the wrapper (and its per-row dict conversion) is only the
+    same when those are already off, so anything else returns None and the wrapper is used.
+    """
+    backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    if backend is None or backend.padding is not None or backend.truncation is not None:
+        return None
+    if backend.encode_special_tokens != bool(getattr(tok, "split_special_tokens", False)):
+        return None
+    return backend
+
+
+def _ids_and_offsets(tok, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of every text, no special tokens added, in one batched call."""
+    backend = _backend(tok)
+    if backend is not None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [list(ids) for ids in enc["input_ids"]], [[tuple(o) for o in offs] for offs in enc["offset_mapping"]]
+
+
 def tokenize_many(model, prompts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int] | None]]]:
     """``tokenize_one`` for many prompts in one tokenizer call (a fast tokenizer encodes the batch at once)."""
-    enc = model.tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = _ids_and_offsets(model.tokenizer, list(prompts))
     bos = _bos_id(model)
     head_ids, head_offsets = ([bos], [None]) if bos is not None else ([], [])
-    return [(head_ids + list(ids), head_offsets + [tuple(o) for o in offs])
-            for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    return [(head_ids + row, head_offsets + offs) for row, offs in zip(ids, offsets, strict=True)]
 
 
 def encode(
@@ -118,18 +142,15 @@ def encode(
             f"Prompt starts {prompts[worst][:80]!r}."
         )
     pad = _pad_id(model)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    offsets = []
-    for i, (ids, offs) in enumerate(rows):
-        n = len(ids)
-        sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
-        tokens[i, sl] = torch.tensor(ids, dtype=torch.long)
-        mask[i, sl] = 1
-        padding = [None] * (width - n)
-        offsets.append(padding + list(offs) if padding_side == "left" else list(offs) + padding)
-    lengths = mask.sum(1)
-    enc = Encoded(tokens, mask, offsets, lengths, padding_side, prompts)
+    left = padding_side == "left"
+    ids, masks, offsets = [], [], []
+    for row, offs in rows:
+        gap = width - len(row)
+        ids.append([pad] * gap + row if left else row + [pad] * gap)
+        masks.append([0] * gap + [1] * len(row) if left else [1] * len(row) + [0] * gap)
+        offsets.append([None] * gap + offs if left else offs + [None] * gap)
+    mask = torch.tensor(masks, dtype=torch.long)
+    enc = Encoded(torch.tensor(ids, dtype=torch.long), mask, offsets, mask.sum(1), padding_side, prompts)
     return enc.to(device or model.cfg.device)
 
 
@@ -158,7 +179,7 @@ def first_token_ids(model, texts: Sequence[str]) -> Int[Tensor, " n"]:
     texts = list(texts)
     if not texts:
         return torch.zeros(0, dtype=torch.long)
-    ids = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids, _ = _ids_and_offsets(model.tokenizer, texts)
     unk = getattr(model.tokenizer, "unk_token_id", None)
     for text, row in zip(texts, ids, strict=True):
         if not row or (unk is not None and row[0] == unk):
