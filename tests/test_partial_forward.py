@@ -54,7 +54,7 @@ def test_reused_block_args_equal_fresh_captures(tiny_model, monkeypatch):
         for end, start in ((width - 1, 1), (0, 0), (width - 2, 1)):
             resid = clean.streams[start][rows, end:]
             fresh = run_from(tiny_model, resid, start, enc.attention_mask[rows],
-                             prefix_cache(clean.kv, rows, end, start))
+                             prefix_cache(clean.kv, rows, end, start), block_args=BlockArgs(tiny_model))
             reused = run_from(tiny_model, resid, start, enc.attention_mask[rows],
                               prefix_cache(clean.kv, rows, end, start), block_args=calls)
             assert (reused - fresh).abs().max() < 1e-5
@@ -78,3 +78,28 @@ def test_shared_prefix_clean_run_equals_plain(tiny_model):
     assert (shared.last_logits - plain.last_logits).abs().max() < 1e-4
     for a, b in zip(shared.kv.layers, plain.kv.layers, strict=True):
         assert (a.keys - b.keys).abs().max() < 1e-4 and (a.values - b.values).abs().max() < 1e-4
+
+
+def test_kept_block_args_outlive_a_call(tiny_model, monkeypatch):
+    """``run_from`` without ``block_args`` uses the model's kept captures: a second call of the same shape and mask
+    captures nothing and gives the same logits; another mask (padding) is captured anew."""
+    from mhop_lens.analyses import partial_forward
+
+    monkeypatch.setattr(tiny_model, "_mhop_block_args", None, raising=False)  # start from no captures
+    captures = []
+    real = partial_forward.block_call
+    monkeypatch.setattr(partial_forward, "block_call", lambda *a: captures.append(1) or real(*a))
+    enc = encode(tiny_model, PROMPTS)
+    clean = clean_run(tiny_model, enc)
+    rows, end = torch.arange(len(PROMPTS)), enc.tokens.shape[1] - 1
+
+    def call(mask):
+        return run_from(tiny_model, clean.streams[1][:, end:], 1, mask, prefix_cache(clean.kv, rows, end, 1))
+
+    first, again = call(enc.attention_mask), call(enc.attention_mask)
+    assert len(captures) == 1 and torch.equal(first, again)
+    assert (first[:, -1] - clean.last_logits).abs().max() < 1e-4
+    other = enc.attention_mask.clone()
+    other[:, 0] = 0  # a different padding pattern must not reuse the capture
+    call(other)
+    assert len(captures) == 2

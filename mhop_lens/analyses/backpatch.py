@@ -28,6 +28,7 @@ from mhop_lens.analyses.partial_forward import (
     CleanRun,
     check_fast_path,
     clean_run,
+    kept_block_args,
     prefix_cache,
     run_from,
 )
@@ -85,7 +86,7 @@ def backpatch_logits(
     device = clean.streams.device
     rows, pos, donor, donor_pos = (x.cpu() for x in (rows, pos, donor, donor_pos))
     m, start = len(rows), int(pos.min())
-    calls = BlockArgs(model)  # every t's rows are a tile of the same m rows: one block-argument capture serves all
+    calls = kept_block_args(model)  # every t's rows are a tile of the same m rows: one capture serves all
     out = torch.empty(len(pairs), m, clean.last_logits.shape[-1], device=device)
     by_t: dict[int, list[int]] = {}
     for i, (_, t) in enumerate(pairs):

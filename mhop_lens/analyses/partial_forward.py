@@ -184,31 +184,45 @@ class BlockArgs:
     """Block-call arguments captured once and reused by every ``run_from`` call with the same shape of work.
 
     Capturing runs the model's own forward up to block 0 (embedding, causal mask, rotary set-up): on small models
-    that costs several block calls, so a sweep that calls ``run_from`` many times passes one ``BlockArgs``. A call
-    reuses a capture made for the same number of new tokens and cache length when its attention mask equals the
-    first rows of the captured one (a sweep's row sets are tiles of one batch): tensors with the captured row count
-    as first dimension are cut to the call's rows, and the captured cache (ours, or the fresh one the model made)
-    is replaced by the call's cache (or a fresh one). Anything else is captured anew.
+    that costs several block calls. A call reuses a capture made for the same number of new tokens, cache length
+    and width when its attention mask equals the first rows of the captured one (a sweep's row sets are tiles of
+    one batch): tensors with the captured row count as first dimension are cut to the call's rows, and the
+    captured cache is replaced by the call's cache (or a fresh one). Anything else is captured anew.
+    ``capture(model, n_new, attention_mask, cache) -> (args, kwargs)`` makes a capture (default ``block_call``).
+    ``kept_block_args`` gives the instance kept on the model, so later sweeps and batches reuse its captures.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, capture=None):
         self.model = model
-        self._captures: dict[tuple[int, int, int], _Capture] = {}
+        self.capture = capture
+        self._captures: dict[tuple, _Capture] = {}
 
     def __call__(self, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache | None
                  ) -> tuple[list, dict]:
         n, width = attention_mask.shape
         cached = 0 if cache is None else cache.get_seq_length()
-        key = (n_new, cached, width)
+        key = (n_new, cached, width, str(attention_mask.device))
         got = self._captures.get(key)
         # cutting rows is ambiguous when the captured row count equals another size of the arguments
         cut_ok = got is not None and (n == got.rows or (n < got.rows and got.rows not in (n_new, cached, width)))
         if cut_ok and torch.equal(got.mask[:n], attention_mask):
             return for_call(got.args, got.kwargs, cache, got.rows, n)
-        args, kwargs = block_call(self.model, n_new, attention_mask, cache)
-        if got is None or n >= got.rows:  # kept without the hidden states and the cache, which every call replaces
-            self._captures[key] = _Capture(n, attention_mask, *stored(args, kwargs))
-        return args, kwargs
+        args, kwargs = stored(*(self.capture or block_call)(self.model, n_new, attention_mask, cache))
+        if got is None or n >= got.rows:
+            self._captures[key] = _Capture(n, attention_mask, args, kwargs)
+        return for_call(args, kwargs, cache)
+
+
+def kept_block_args(model, capture=None) -> BlockArgs:
+    """The ``BlockArgs`` kept on ``model`` (one per capture function): captures outlive a sweep, so the batches
+    of a run and later sweeps on the same model skip the capture forward. Captures depend only on the shapes and
+    the attention mask, which every reuse checks."""
+    name = "_mhop_block_args" + ("" if capture is None else "_" + capture.__name__)
+    kept = getattr(model, name, None)
+    if kept is None:
+        kept = BlockArgs(model, capture)
+        setattr(model, name, kept)
+    return kept
 
 
 def _drop_cache(value):
@@ -221,7 +235,8 @@ def _drop_cache(value):
 
 
 def stored(args: list, kwargs: dict) -> tuple[list, dict]:
-    """Captured block arguments without the hidden states and the cache, safe to keep and reuse (see ``for_call``)."""
+    """Captured block arguments without the hidden states and the cache, safe to keep and reuse (see ``for_call``).
+    Applying it twice changes nothing."""
     return ([None, *(_drop_cache(a) for a in args[1:])],
             {k: None if k == "hidden_states" else _drop_cache(v) for k, v in kwargs.items()})
 
@@ -257,9 +272,9 @@ def run_from(
 
     ``attention_mask`` covers prefix + new positions (padding excluded as usual); ``cache`` holds the prefix
     keys/values of every layer >= ``start`` (see ``prefix_cache``); ``fwd_hooks`` are active on the blocks run.
-    The cache is extended in place, so build a fresh one per call. Sweeps pass one ``block_args`` to all calls.
+    The cache is extended in place, so build a fresh one per call. ``block_args`` defaults to the model's kept one.
     """
-    args, kwargs = (block_args or BlockArgs(model))(resid.shape[1], attention_mask, cache)
+    args, kwargs = (block_args or kept_block_args(model))(resid.shape[1], attention_mask, cache)
     hooked = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
     with hooked:  # the bridge's hooks context costs ~1 ms: skipped when there is nothing to add
         return run_blocks(model, resid, start, args, kwargs)

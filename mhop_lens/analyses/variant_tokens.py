@@ -20,9 +20,10 @@ from transformers import Cache, DynamicCache
 
 from mhop_lens.analyses.partial_forward import (
     FAST_PATH_TOL,
+    BlockArgs,
     block_call,
     cache_of,
-    for_call,
+    kept_block_args,
     run_blocks,
     run_from,
     stored,
@@ -73,12 +74,14 @@ def run_variants(
     start: int,
     attention_mask: Int[Tensor, "n pos"],
     cache: DynamicCache,
+    block_args: BlockArgs | None = None,
 ) -> Float[Tensor, "n k vocab"]:
     """Logits of each of the k variants of row i's last-position residual entering block ``start``.
 
     ``cache``: the prefix keys/values (every position but the last) of every layer >= ``start``, extended in place.
+    ``block_args`` (a ``BlockArgs`` capturing with ``variant_args``) defaults to the one kept on the model.
     """
-    args, kwargs = for_call(*variant_args(model, variants.shape[1], attention_mask, cache), cache)
+    args, kwargs = (block_args or kept_block_args(model, variant_args))(variants.shape[1], attention_mask, cache)
     return run_blocks(model, variants, start, args, kwargs)
 
 
@@ -90,7 +93,8 @@ def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int
         return known
     n, k = variants.shape[:2]
     try:
-        got = run_variants(model, variants, start, attention_mask, cache_of([(e.keys, e.values) for e in cache.layers]))
+        got = run_variants(model, variants, start, attention_mask, cache_of([(e.keys, e.values) for e in cache.layers]),
+                           BlockArgs(model, variant_args))  # a fresh capture: the check must not trust kept ones
         rows = torch.arange(n, device=variants.device).repeat(k)
         tiled = [(e.keys.index_select(0, rows), e.values.index_select(0, rows)) for e in cache.layers]
         want = run_from(model, variants.transpose(0, 1).reshape(n * k, 1, -1), start, attention_mask[rows],
