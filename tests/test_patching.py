@@ -29,9 +29,35 @@ def test_fast_equals_reference(tiny_model, sites):
     layers = range(tiny_model.cfg.n_layers)
     ref = ap.patching_reference(tiny_model, c, x, sites, layers)
     for overhead in (0, ap.CALL_OVERHEAD, 10**6):
-        fast = ap.patch_logits(tiny_model, c, x, sites, layers, rows_per_call=3, call_overhead=overhead)
-        assert fast.keys() == ref.keys()
-        assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
+        for skip in (True, False):
+            fast = ap.patch_logits(tiny_model, c, x, sites, layers, rows_per_call=3, overhead=overhead,
+                                   skip_unchanged=skip)
+            assert fast.keys() == ref.keys()
+            assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
+
+
+@pytest.mark.parametrize("sites", ["resid", "heads"])
+def test_sites_without_forward_match_the_reference(tiny_model, sites, monkeypatch):
+    """One swapped middle token (pair 0) and an identical pair (pair 1). Sites equal in clean and corrupted, and at
+    the embeddings the swapped token itself (patching it restores the clean run), need no forward; the rest
+    recompute from the swapped position on. Everything equals the one-forward-per-site reference."""
+    clean, corrupt = _aligned(tiny_model)
+    c, x = ap.prepare(tiny_model, [clean[-1]] * 2, [corrupt[-1], clean[-1]], sites)
+    swapped = int((c.enc.tokens[0] != x.enc.tokens[0]).nonzero()[0, 0])
+    width = c.enc.tokens.shape[1]
+    layers = range(tiny_model.cfg.n_layers)
+    ref = ap.patching_reference(tiny_model, c, x, sites, layers)
+    calls = []
+    real = ap.run_from
+    monkeypatch.setattr(ap, "run_from",
+                        lambda m, resid, start, *a, **k: calls.append((start, resid.shape[1])) or real(m, resid, start,
+                                                                                                       *a, **k))
+    fast = ap.patch_logits(tiny_model, c, x, sites, layers)
+    assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
+    assert calls and max(new for _, new in calls) <= width - swapped  # nothing before the swap is recomputed
+    if sites == "resid":
+        assert 0 not in {start for start, _ in calls}  # the embeddings: every site is free
+        assert (fast[(0, swapped)] - c.last_logits).abs().max() < 1e-4
 
 
 def test_position_groups_minimise_calls_plus_tokens():
@@ -52,8 +78,9 @@ def test_position_groups_minimise_calls_plus_tokens():
 
 @pytest.mark.parametrize("sites", ["resid", "heads"])
 def test_own_activation_is_identity(tiny_model, sites):
+    """Computed, not skipped (``skip_unchanged=False``): every patched forward reproduces the corrupted run."""
     c, x = ap.prepare(tiny_model, CLEAN, CLEAN, sites)
-    fast = ap.patch_logits(tiny_model, c, x, sites, range(tiny_model.cfg.n_layers))
+    fast = ap.patch_logits(tiny_model, c, x, sites, range(tiny_model.cfg.n_layers), skip_unchanged=False)
     assert max((v - x.last_logits).abs().max() for v in fast.values()) < 1e-4
 
 

@@ -19,17 +19,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mhop_lens import hooks
 from mhop_lens.analyses.partial_forward import (
-    BlockArgs,
     CleanRun,
     cache_of,
     check_fast_path,
     clean_run,
+    kept_block_args,
     prefix_cache,
     run_from,
 )
@@ -42,11 +42,14 @@ Metric = Callable[[Float[Tensor, "n vocab"], Int[Tensor, " n"], Int[Tensor, " n"
 SITES = ("resid", "heads")
 #: Rows (heads x pairs) of one forward in the head sweep.
 ROWS_PER_CALL = 512
-#: Residual sweep: the fixed cost of one forward, in token-equivalents. Positions p0, p0+1, ... may share one
-#: forward (all recomputed from p0); the grouping minimises calls x CALL_OVERHEAD + tokens recomputed. On a CPU a
+#: Residual sweep: the fixed cost of one forward, in token-equivalents, at least. Positions p0, p0+1, ... may share
+#: one forward (all recomputed from p0); the grouping minimises calls x overhead + tokens recomputed. On a CPU a
 #: block over a few tokens is bound by reading its weights (GPT-2-small: 13 tokens cost 6.7 ms, 416 cost 70 ms),
-#: so a tiny batch gains from recomputing a few unchanged positions in one larger call.
+#: so a tiny batch gains from recomputing a few unchanged positions in one larger call. See ``call_overhead``.
 CALL_OVERHEAD = 32
+#: Clean and corrupted activations closer than this, relative to the largest entry of the vector, count as equal
+#: (rows of one batch can round differently in float32, ~1e-7 relative; a true difference is far larger).
+SAME_RTOL = 1e-5
 #: Most tokens (rows x new positions) one forward of the residual sweep may hold.
 MAX_TOKENS_PER_CALL = 8192
 
@@ -112,17 +115,28 @@ def _head_hook(clean_z: Tensor, heads: Tensor):
 
 # fast path ----------------------------------------------------------------------------------------------------
 def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: Sequence[int],
-                 rows_per_call: int = ROWS_PER_CALL, call_overhead: int = CALL_OVERHEAD
+                 rows_per_call: int = ROWS_PER_CALL, overhead: int | None = None, skip_unchanged: bool = True
                  ) -> dict[tuple[int, int], Float[Tensor, "n vocab"]]:
-    """Last-position logits of the corrupted run with one clean site patched: {(layer, position|head): logits}."""
+    """Last-position logits of the corrupted run with one clean site patched: {(layer, position|head): logits}.
+
+    With ``skip_unchanged`` a site needs no forward when, in every pair, clean and corrupted are equal there (the
+    BOS position, a token both prompts share at the embeddings, a head reading nothing that differs: the patch is
+    the identity, the result the corrupted run) or it is the only position where the layer differs (the patch
+    restores the clean run, e.g. the swapped token at the embeddings). A head patch recomputes only from the
+    first position where that layer's heads differ, and in the last block only the last position (a head's output
+    changes no keys/values of its own layer, and nothing after the last block reads the other positions).
+    ``overhead``: see ``call_overhead`` (its default).
+    """
     n, width = corrupt.enc.tokens.shape
     dev = corrupt.streams.device
     out = {}
     pairs = torch.arange(n)
-    calls = BlockArgs(model)  # the same row tiles recur in every layer: capture their block arguments once
+    calls = kept_block_args(model)  # the same row tiles recur in every layer: capture their block arguments once
     if sites == "resid":
         for layer in layers:
-            for ps in position_groups(n, width, call_overhead):
+            run = _skip_unchanged(out, clean, corrupt, sites, layer, skip_unchanged)[0]
+            cost = call_overhead(model) if overhead is None else overhead
+            for ps in position_groups(n, width, cost, positions=run.nonzero()[:, 0].tolist()):
                 p0 = int(ps[0])
                 rows = pairs.repeat(len(ps))
                 pos = ps.repeat_interleave(n)
@@ -134,41 +148,93 @@ def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: 
                 for i, p in enumerate(ps.tolist()):
                     out[(layer, p)] = logits[i * n : (i + 1) * n]
     else:
-        n_heads = model.cfg.n_heads
         step = max(1, rows_per_call // n)
         for layer in layers:
-            for h0 in range(0, n_heads, step):
-                hs = torch.arange(h0, min(n_heads, h0 + step))
+            name = hooks.head(layer, "z")
+            run, p0 = _skip_unchanged(out, clean, corrupt, sites, layer, skip_unchanged)
+            if layer == model.cfg.n_layers - 1:  # the last block: only the read-out position matters
+                p0 = width - 1
+            todo = run.nonzero()[:, 0]
+            for a in range(0, len(todo), step):
+                hs = todo[a : a + step]
                 rows = pairs.repeat(len(hs))
                 heads = hs.repeat_interleave(n)
-                clean_z = clean.acts[hooks.head(layer, "z")][rows.to(dev)]
-                fn = _head_hook(clean_z, heads.to(dev))
-                logits = run_from(model, corrupt.streams[layer][rows.to(dev)], layer,
-                                  corrupt.enc.attention_mask[rows.to(dev)], None,
-                                  [(hooks.head(layer, "z"), fn)], block_args=calls)[:, -1]
+                fn = _head_hook(clean.acts[name][rows.to(dev)], heads.to(dev))
+                logits = run_from(model, corrupt.streams[layer][rows.to(dev), p0:], layer,
+                                  corrupt.enc.attention_mask[rows.to(dev)],
+                                  prefix_cache(corrupt.kv, rows.to(dev), p0, layer),
+                                  [(name, fn)], block_args=calls)[:, -1]
                 for i, h in enumerate(hs.tolist()):
                     out[(layer, h)] = logits[i * n : (i + 1) * n]
     return out
 
 
-def position_groups(n: int, width: int, call_overhead: int = CALL_OVERHEAD,
-                    max_tokens: int = MAX_TOKENS_PER_CALL) -> list[Tensor]:
-    """Consecutive positions patched in one forward: the partition of ``range(width)`` minimising
-    ``calls * call_overhead + n * sum(group size * (width - group start))`` (recomputed tokens), by dynamic
-    programming; a group of several positions holds at most ``max_tokens`` tokens."""
-    best, cut = [0.0] * (width + 1), [width] * (width + 1)
-    for i in range(width - 1, -1, -1):
+def _skip_unchanged(out: dict, clean: CleanRun, corrupt: CleanRun, sites: str, layer: int, skip_unchanged: bool
+                    ) -> tuple[Bool[Tensor, " site"], int]:
+    """Fill ``out`` for the sites of ``layer`` that need no forward (the clean run's logits where the patch
+    restores it, else the corrupted run's); return which sites do and where their recompute may start."""
+    run, as_clean, start = changed_sites(clean, corrupt, sites, layer, skip_unchanged)
+    pick = as_clean.to(corrupt.last_logits.device)[..., None]
+    for i in (~run).nonzero()[:, 0].tolist():
+        out[(layer, i)] = torch.where(pick[i], clean.last_logits, corrupt.last_logits)
+    return run, start
+
+
+def call_overhead(model) -> int:
+    """Token-equivalents of one partial forward's fixed cost for ``position_groups`` (deterministic, from the
+    shape). A block call costs ~0.7 ms of Python here, the compute of ~128 tokens of a d_model-128 block (the
+    organism: grouping by 128 took 35 ms where single positions took 51 ms), fewer for bigger blocks, down to
+    ``CALL_OVERHEAD`` where reading the weights dominates small calls."""
+    return max(CALL_OVERHEAD, (1 << 21) // model.cfg.d_model**2)
+
+
+def changed_sites(clean: CleanRun, corrupt: CleanRun, sites: str, layer: int, skip_unchanged: bool = True
+                  ) -> tuple[Bool[Tensor, " site"], Bool[Tensor, "site batch"], int]:
+    """Which sites of ``layer`` (positions for ``"resid"``, heads for ``"heads"``) need a forward, and what the
+    others give without one.
+
+    Returns ``run`` (per site), ``as_clean`` (per site and pair, for sites not run: True where the patch turns the
+    corrupted layer into the clean one, so the result is the clean run; False where clean and corrupted are equal
+    at the site, so the patch is the identity) and the first position where anything of the layer differs
+    (positions before it keep the corrupted keys/values). Without ``skip_unchanged``: every site, from position 0.
+    """
+    if sites == "resid":  # [batch pos d_model], a site is a position
+        a, b, site = clean.streams[layer], corrupt.streams[layer], 1
+    else:  # [batch pos head d_head], a site is a head
+        name = hooks.head(layer, "z")
+        a, b, site = clean.acts[name], corrupt.acts[name], 2
+    n, n_sites = a.shape[0], a.shape[site]
+    if not skip_unchanged:
+        return torch.ones(n_sites, dtype=torch.bool), torch.zeros(n_sites, n, dtype=torch.bool), 0
+    differ = ((a - b).abs().amax(-1) > SAME_RTOL * b.abs().amax(-1)).cpu()  # [batch pos] or [batch pos head]
+    positions = differ if sites == "resid" else differ.any(-1)
+    start = int(positions.any(0).nonzero()[0, 0]) if positions.any() else a.shape[1]
+    if sites == "resid":  # patching the only differing position of a pair restores its clean run
+        as_clean = (differ & (differ.sum(1, keepdim=True) == 1)).T
+        return (differ.T & ~as_clean).any(1), as_clean, start
+    return differ.any(1).any(0), torch.zeros(n_sites, n, dtype=torch.bool), start
+
+
+def position_groups(n: int, width: int, overhead: int = CALL_OVERHEAD,
+                    max_tokens: int = MAX_TOKENS_PER_CALL, positions: Sequence[int] | None = None) -> list[Tensor]:
+    """Runs of ``positions`` (default: all of ``range(width)``, sorted) patched in one forward each: the partition
+    minimising ``calls * overhead + n * sum(group size * (width - group start))`` (recomputed tokens), by
+    dynamic programming; a group of several positions holds at most ``max_tokens`` tokens."""
+    ps = list(range(width)) if positions is None else sorted(positions)
+    m = len(ps)
+    best, cut = [0.0] * (m + 1), [m] * (m + 1)
+    for i in range(m - 1, -1, -1):
         best[i] = float("inf")
-        for j in range(i + 1, width + 1):
-            tokens = n * (j - i) * (width - i)
+        for j in range(i + 1, m + 1):
+            tokens = n * (j - i) * (width - ps[i])
             if j > i + 1 and tokens > max_tokens:
                 break
-            cost = call_overhead + tokens + best[j]
+            cost = overhead + tokens + best[j]
             if cost < best[i]:
                 best[i], cut[i] = cost, j
     groups, i = [], 0
-    while i < width:
-        groups.append(torch.arange(i, cut[i]))
+    while i < m:
+        groups.append(torch.tensor(ps[i : cut[i]], dtype=torch.long))
         i = cut[i]
     return groups
 
