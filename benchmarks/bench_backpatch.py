@@ -11,7 +11,7 @@ Every method's answer ranks must agree with ours. Acceptance: >= 5x over the ref
 >= 15x on a random GPT-2-small-shaped model with ~12-token prompts, and >= half the FLOP-floor ratio. The verdict
 is on the sweep, the quantity the FLOP floor describes (ours' partial forwards vs the reference's per-pair full
 forwards; the cached clean run both need is timed once and excluded from both). End to end (clean run included on
-both sides) is printed beside it with its own FLOP floor: on the organism the clean run is a third of ours, which
+both sides) is printed beside it with its own FLOP floor: on the organism the clean run is about half of ours, which
 caps any method at 5.6x end to end.
 """
 
