@@ -1,4 +1,4 @@
-"""Consistency of the True/False heads of the shipped GAR organism across data seeds and Yes/No tasks.
+"""Consistency of the True/False heads of a GAR organism across data seeds and Yes/No tasks (and vs another model).
 
 For each data seed: the Yes/No (cls) rows of ``organism_gar.world.examples(build_world(), seed, n_per_task, 2)``
 (the builder docs/organism-gar.md uses; 4 Yes/No tasks x n_per_task counter-pairs, 2-item contexts), then
@@ -14,8 +14,20 @@ only relation split) and "negated". Reported:
   relations / negation within each seed, and for each task between seeds (the sampling noise floor of a task);
 - whether the top-k set (and its true/false typing) is the same for every seed.
 
+``--model`` (default ``organism-gar``, the shipped checkpoint) takes anything ``load_model`` loads, e.g. the
+directory ``mhop-lens organism-gar train --out DIR --seed S`` writes; ``--seeds`` picks the data seeds. Head indices
+are not comparable between models trained from different seeds (the heads of a layer are interchangeable under
+random initialisation), so ``--compare OTHER.json`` (an earlier output of this script, e.g. the shipped model's)
+adds an index-free ``compare`` entry for both models: per data seed the layers of the top-k heads, the top-1 and
+top-k shares of the summed |score|, the true/false typing counts, the control ratio and p; per task the layers of
+its top k; the heads (own indices) in the top 2 of every group in every seed; and, for the data seeds both results
+share, the Spearman between the two models of the per-layer sorted |score| profiles (each layer's heads sorted by
+|score|, layers in order; pooled and per task), with the same Spearman between the data seeds of each model as its
+within-model reference. Without ``--compare`` the output is unchanged.
+
 Run (one thread, a few minutes on a quiet 2-core machine):
-``OMP_NUM_THREADS=1 python benchmarks/heads_consistency.py --out benchmarks/results/heads_consistency.json``.
+``OMP_NUM_THREADS=1 python benchmarks/heads_consistency.py --out benchmarks/results/heads_consistency.json``;
+another checkpoint: ``... --model DIR --compare benchmarks/results/heads_consistency.json --out OTHER.json``.
 """
 
 from __future__ import annotations
@@ -103,6 +115,71 @@ def run_seed(model, world, seed: int, n_per_task: int, k: int, batch_size: int, 
     return out, pooled, tasks, extra
 
 
+def layer_of(head: str) -> int:
+    return int(head[1:head.index("H")])
+
+
+def profile(scores: dict[str, float]) -> list[float]:
+    """Per-layer sorted |score| (each layer's heads by decreasing |score|, layers in order): index-free."""
+    layers = sorted({layer_of(h) for h in scores})
+    return [v for layer in layers for v in sorted((abs(s) for h, s in scores.items() if layer_of(h) == layer),
+                                                  reverse=True)]
+
+
+def index_free(result: dict) -> dict:
+    """Summary of one result that does not depend on head indices within a layer (plus its own top-2 heads)."""
+    k, per = result["k"], {}
+    for r in result["per_seed"]:
+        total = sum(abs(h["score"]) for h in r["heads"])
+        top = sorted((abs(h["score"]) for h in r["heads"]), reverse=True)
+        tasks = {g: v for g, v in r["top_per_group"].items() if "=" not in g}
+        per[str(r["seed"])] = {
+            "top_layers": [layer_of(t["head"]) for t in r["top"]],
+            "top1_share": top[0] / total, f"top{k}_share": sum(top[:k]) / total,
+            "types": {t: sum(x["type"] == t for x in r["top"]) for t in ("true", "false")},
+            "control_ratio": r["control"]["ratio"], "control_p": r["control"]["p_random_ge_top"],
+            "layer_share": [sum(abs(h["score"]) for h in r["heads"] if layer_of(h["head"]) == layer) / total
+                            for layer in sorted({layer_of(h["head"]) for h in r["heads"]})],
+            "task_top_layers": {t: [layer_of(h) for h in v] for t, v in sorted(tasks.items())}}
+    top2 = [frozenset(v[:2]) for r in result["per_seed"] for v in r["top_per_group"].values()]
+    profiles = {r["seed"]: profile({h["head"]: h["score"] for h in r["heads"]}) for r in result["per_seed"]}
+    between = [float(spearmanr(profiles[a], profiles[b]).statistic) for i, a in enumerate(profiles)
+               for b in list(profiles)[i + 1:]]
+    return {"model": result["model"], "per_seed": per, "top2_of_every_group": sorted(frozenset.intersection(*top2)),
+            "profile_spearman_between_seeds": between}
+
+
+def compare(result: dict, other: dict) -> dict:
+    """Index-free comparison of two results (two models): summaries and profile Spearman per shared data seed."""
+    mine = {r["seed"]: r for r in result["per_seed"]}
+    theirs = {r["seed"]: r for r in other["per_seed"]}
+    spearman = {}
+    for seed in [s for s in result["seeds"] if s in theirs]:
+        a, b = mine[seed], theirs[seed]
+        groups = {"all": ({h["head"]: h["score"] for h in a["heads"]}, {h["head"]: h["score"] for h in b["heads"]}),
+                  **{g: (a["group_scores"][g], b["group_scores"][g]) for g in sorted(a["group_scores"])
+                     if "=" not in g and g in b["group_scores"]}}
+        spearman[str(seed)] = {g: float(spearmanr(profile(x), profile(y)).statistic) for g, (x, y) in groups.items()}
+    return {"this": index_free(result), "other": index_free(other), "profile_spearman": spearman}
+
+
+def print_compare(cmp: dict, k: int) -> None:
+    for who in ("this", "other"):
+        c = cmp[who]
+        print(f"{who} ({c['model']}): in the top 2 of every group in every seed: {c['top2_of_every_group']}")
+        if c["profile_spearman_between_seeds"]:
+            sp = c["profile_spearman_between_seeds"]
+            print(f"  profile Spearman between its data seeds (pooled): {min(sp):+.3f} to {max(sp):+.3f}")
+        for seed, r in c["per_seed"].items():
+            print(f"  seed {seed}: top-{k} layers {r['top_layers']}, top-1 share {r['top1_share']:.2f}, top-{k} "
+                  f"share {r[f'top{k}_share']:.2f}, types {r['types']}, control ratio {r['control_ratio']:.2f} "
+                  f"(p {r['control_p']:.3f}), layer shares " + " ".join(f"{x:.2f}" for x in r["layer_share"]))
+            print("    task top layers: " + "  ".join(f"{t} {v}" for t, v in r["task_top_layers"].items()))
+    for seed, sp in cmp["profile_spearman"].items():
+        print(f"per-layer sorted |score| profile Spearman, seed {seed}: "
+              + "  ".join(f"{g} {v:+.2f}" for g, v in sp.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-per-task", type=int, default=100, help="Counter-pairs per Yes/No task and seed.")
@@ -112,10 +189,14 @@ def main() -> None:
     parser.add_argument("--n-random", type=int, default=1000, help="Random k-head sets of the control.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="JSON file for the results.")
+    parser.add_argument("--model", default="organism-gar",
+                        help="Model name or checkpoint directory (default: the shipped organism).")
+    parser.add_argument("--compare", default=None,
+                        help="Results JSON of another model (this script's output): add an index-free comparison.")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     start = time.time()
-    model = load_model("organism-gar", device="cpu")
+    model = load_model(args.model, device="cpu")
     world = build_world()
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     k = args.k
@@ -133,7 +214,7 @@ def main() -> None:
               f"(sd {c['random_sd']:.2f}), ratio {c['ratio']:.2f}, p {c['p_random_ge_top']:.3f}", flush=True)
 
     seeds_named = {f"seed_{s}": f for s, f in pooled.items()}
-    result = {"model": "organism-gar", "builder": "organism_gar.world.examples(build_world(), seed, n, 2), cls rows",
+    result = {"model": args.model, "builder": "organism_gar.world.examples(build_world(), seed, n, 2), cls rows",
               "n_per_task": args.n_per_task, "seeds": args.seeds, "k": k, "n_heads": n_heads,
               "random_overlap": k * k / n_heads, "per_seed": per_seed,
               "between_seeds": with_p(consistency(seeds_named, k), seeds_named, k, n_heads)}
@@ -158,6 +239,8 @@ def main() -> None:
     for task in sorted(tasks[args.seeds[0]]):
         named = {f"seed_{s}": tasks[s][task] for s in args.seeds}
         result["task_between_seeds"][task] = with_p(consistency(named, k), named, k, n_heads)
+    if args.compare:
+        result["compare"] = compare(result, json.loads(Path(args.compare).read_text()))
     result["seconds"] = round(time.time() - start, 1)
 
     def summary(rows: list[dict]) -> str:
@@ -187,6 +270,9 @@ def main() -> None:
         for i, r in enumerate(per[0]):
             cells = "  ".join(f"{p[i]['spearman']:+.2f}/{p[i]['top_k_overlap']}" for p in per)
             print(f"  {r['group_a']} vs {r['group_b']}: {cells}")
+    if args.compare:
+        print(f"\ncompared with {args.compare} (index-free):")
+        print_compare(result["compare"], k)
     print(f"\ntotal {result['seconds']} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
