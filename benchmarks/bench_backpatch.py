@@ -12,7 +12,7 @@ Every method's answer ranks must agree with ours. Acceptance: >= 5x over the ref
 is on the sweep, the quantity the FLOP floor describes (ours' partial forwards vs the reference's per-pair full
 forwards; the cached clean run both need is timed once and excluded from both). End to end (clean run included on
 both sides) is printed beside it with its own FLOP floor: on the organism the clean run is about half of ours, which
-caps any method at 5.6x end to end.
+puts that floor at 5.6x.
 """
 
 from __future__ import annotations
