@@ -77,23 +77,27 @@ def tl_baseline(model, pairs, sites: str, index_df=None, setup_times: list | Non
                        activation_name=fn.keywords["activation_name"], index_df=index_df, reduce="none").values
 
 
-def floor_ratio(model, pairs, sites: str, layers, skip_unchanged: bool = True) -> tuple[float, int]:
-    """Reference FLOPs / FLOPs of recomputing only positions >= p from the patched layer up, and the number of
-    sites that need no forward. With ``skip_unchanged`` those (``patching.changed_sites``: the patch is the
-    identity or restores the clean run) cost nothing and a head patch starts at the first position where the
-    layer's heads differ (what ours does)."""
+def floor_ratios(model, pairs, sites: str, layers) -> tuple[float, float, int]:
+    """Reference FLOPs / FLOPs of recomputing only positions >= p from the patched layer up: counting only the
+    sites that need a forward (``patching.changed_sites``: the others are the identity or restore the clean run;
+    a head patch starts at the first position where the layer's heads differ, as ours does) and counting every
+    site from position 0; and the number of sites that need no forward. One cached run serves both counts."""
     n_layers = model.cfg.n_layers
     c, x = prepare(model, [a.prompt for a, _ in pairs], [b.prompt for _, b in pairs], sites)
     n, width = x.enc.tokens.shape
-    floor, n_sites, skipped = 0.0, 0, 0
-    for layer in layers:
-        run, _, start = changed_sites(c, x, sites, layer, skip_unchanged)
-        n_sites += len(run)
-        skipped += int((~run).sum())
-        for index in run.nonzero()[:, 0].tolist():
-            first = index if sites == "resid" else start
-            floor += n * ((n_layers - layer) * block_flops(model, width - first, width) + unembed_flops(model, 1))
-    return n_sites * forward_flops(model, n, width) / floor, skipped
+    floors, skipped, n_sites = [], 0, 0
+    for skip in (True, False):
+        floor = 0.0
+        for layer in layers:
+            run, _, start = changed_sites(c, x, sites, layer, skip)
+            if skip:
+                n_sites += len(run)
+                skipped += int((~run).sum())
+            for index in run.nonzero()[:, 0].tolist():
+                first = index if sites == "resid" else start
+                floor += n * ((n_layers - layer) * block_flops(model, width - first, width) + unembed_flops(model, 1))
+        floors.append(n_sites * forward_flops(model, n, width) / floor)
+    return floors[0], floors[1], skipped
 
 
 def bench(name, model, pairs, sites: str, repeats: int, site_subset: int | None, layers=None) -> dict[str, float]:
@@ -133,8 +137,7 @@ def bench(name, model, pairs, sites: str, repeats: int, site_subset: int | None,
     assert (mine - theirs).abs().max() < 1e-4, f"ours and TransformerLens disagree: {(mine - theirs).abs().max()}"
     setup = statistics.median(setup_times)  # the clean cached run etc. happen once, whatever the number of sites
     seconds["transformer_lens.patching"] = setup + (seconds["transformer_lens.patching"] - setup) * scale
-    floor, skipped = floor_ratio(model, pairs, sites, layers)
-    every, _ = floor_ratio(model, pairs, sites, layers, skip_unchanged=False)
+    floor, every, skipped = floor_ratios(model, pairs, sites, layers)
     ratios = report(f"{name} {sites}: median of {repeats}, results agree", seconds, memory, "ours (kv-partial)",
                     floor)
     print(f"  {skipped} of {len(full)} sites need no forward (identity, or the patch restores the clean run); "
