@@ -8,7 +8,7 @@ cached forward per batch serves every layer, site and position.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,8 @@ from mhop_lens.tokens import encode
 
 SITES = {"resid": lambda layer: hooks.resid(layer, "post"), "attn_out": hooks.attn_out, "mlp_out": hooks.mlp_out}
 CORRECT_RULE = "greedy first token == first token of e3"
+#: ``translator(layer, h) -> h'`` applied to the residual before the readout (a tuned lens, see ``tuned_lens``).
+Translator = Callable[[int, Float[Tensor, "... d_model"]], Float[Tensor, "... d_model"]]
 
 
 def project(model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
@@ -48,7 +50,8 @@ def decode_ids(model, ids: Tensor) -> list[str]:
 
 @torch.inference_mode()
 def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.PositionSpec] = ("last",),
-               sites: Sequence[str] = ("resid", "attn_out", "mlp_out"), top_k: int = 5) -> pd.DataFrame:
+               sites: Sequence[str] = ("resid", "attn_out", "mlp_out"), top_k: int = 5,
+               translator: Translator | None = None) -> pd.DataFrame:
     """Lens rows of one batch (see ``run_lens``)."""
     unknown = [s for s in sites if s not in SITES]
     if unknown:
@@ -66,7 +69,8 @@ def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Posi
         pos = S.positions(enc, queries, pos_name).to(logits.device)
         pred = logits[rows, pos].argmax(-1)
         for site in sites:
-            acts = torch.stack([cache[SITES[site](layer)][rows, pos] for layer in range(n_layers)], 1)
+            acts = torch.stack([_read(cache[SITES[site](layer)][rows, pos], layer, site, translator)
+                                for layer in range(n_layers)], 1)
             proj = project(model, acts).float()  # [batch, layer, vocab]
             expand = lambda ids: ids[:, None].expand(-1, n_layers)  # noqa: E731
             probs = proj.softmax(-1)
@@ -76,6 +80,7 @@ def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Posi
                 "qid": np.repeat([q.id for q in queries], n_layers),
                 "layer": np.tile(np.arange(n_layers), len(queries)),
                 "site": site,
+                "lens": "logit" if translator is None or site != "resid" else "tuned",
                 "position": S.label(pos_name),
                 "token_index": np.repeat(S.unpadded(enc, pos).numpy(), n_layers),
                 "token": np.repeat(decode_ids(model, enc.tokens[rows.cpu(), pos.cpu()]), n_layers),
@@ -92,9 +97,16 @@ def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Posi
     return pd.concat(frames, ignore_index=True)
 
 
+def _read(x: Float[Tensor, "batch d_model"], layer: int, site: str, translator: Translator | None
+          ) -> Float[Tensor, "batch d_model"]:
+    """The vector the readout sees: the residual through ``translator`` when one is given (translators are fitted
+    to the residual stream, so attention / MLP outputs are always read as they are)."""
+    return x if translator is None or site != "resid" else translator(layer, x)
+
+
 def run_lens(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.PositionSpec] = ("last",),
              sites: Sequence[str] = ("resid", "attn_out", "mlp_out"), top_k: int = 5, batch_size: int = 32,
-             progress: bool = True) -> pd.DataFrame:
+             progress: bool = True, translator: Translator | None = None) -> pd.DataFrame:
     """Logit lens of every layer's residual / attention / MLP output at ``positions`` (names of ``sites.py``).
 
     One row per (query, position, site, layer). Columns: ``qid, layer, site, position, token_index`` (index in the
@@ -102,11 +114,12 @@ def run_lens(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Positi
     ``e2_rank, e3_rank`` (0-based rank of the entity's first token, 0 = top-1), ``e2_prob, e3_prob`` (softmax of
     the projection), ``pred_rank`` (rank of the model's own final next-token prediction at that position) and
     ``pred_token``, ``top1`` and ``top_tokens`` (the ``top_k`` decoded tokens), ``correct`` (the model's greedy
-    first token at the last position == e3's first token).
+    first token at the last position == e3's first token), ``lens`` (``logit``, or ``tuned`` where ``translator``
+    -- e.g. a ``tuned_lens.TunedLens`` -- translated the residual first).
     """
     if not queries:
         raise DataError("no queries for the lens; check --data, --limit and --shard.")
     batches = [list(queries[i : i + batch_size]) for i in range(0, len(queries), batch_size)]
-    frames = [lens_batch(model, b, positions, sites, top_k)
+    frames = [lens_batch(model, b, positions, sites, top_k, translator)
               for b in tqdm(batches, desc="lens", unit="batch", disable=not progress)]
     return pd.concat(frames, ignore_index=True)

@@ -14,6 +14,7 @@ from mhop_lens.cli.hopping import COMMANDS as HOPPING_COMMANDS
 from mhop_lens.cli.organisms import organism, organism_gar
 from mhop_lens.cli.patching import COMMANDS as PATCHING_COMMANDS
 from mhop_lens.cli.runs import merge
+from mhop_lens.cli.tuned_lens import tuned_lens
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -27,7 +28,7 @@ def main() -> None:
 
 
 for _command in (demo, evaluate, *HOPPING_COMMANDS, *PATCHING_COMMANDS, gar, *HEADS_COMMANDS, figures, organism,
-                 organism_gar, merge, bench):
+                 organism_gar, merge, bench, tuned_lens):
     main.add_command(_command)
 
 

@@ -80,16 +80,20 @@ def describe(**kw) -> None:
 @click.option("--positions", default="last", show_default=True, help="Comma list of positions (last, t1, e1, ...).")
 @click.option("--sites", default="resid,attn_out,mlp_out", show_default=True, help="Comma list of sites.")
 @click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--tuned-lens", "tuned_lens", default=None, type=click.Path(exists=True),
+              help="Read the residual through a tuned lens trained by `mhop-lens tuned-lens train` (a directory).")
 @friendly_errors
 def lens(**kw) -> None:
     """Logit lens of the residual, attention and MLP outputs of every layer: ranks of e2, e3 and the prediction."""
     from mhop_lens.analyses.lens import run_lens
+    from mhop_lens.analyses.tuned_lens import TunedLens
 
     store, model, queries = setup_sweep("lens", kw)
+    translator = TunedLens.load(kw["tuned_lens"], model) if kw["tuned_lens"] else None
 
     def compute(chunk):
         return run_lens(model, chunk, positions=_csv(kw["positions"]), sites=_csv(kw["sites"]), top_k=kw["top_k"],
-                        batch_size=kw["batch_size"], progress=False)
+                        batch_size=kw["batch_size"], progress=False, translator=translator)
 
     store.sweep("lens", queries, compute, key=lambda q: q.id, chunk_size=kw["batch_size"],
                 sort_by=["qid", "position", "site", "layer"], desc="lens")
