@@ -88,18 +88,18 @@ def test_run_frame_and_recovery(tiny_models):
     model = tiny_models["gpt2"]
     clean, corrupt = _aligned(model)
     answers = (ANSWERS[0][: len(clean)], ANSWERS[1][: len(clean)])
-    frame = ap.run_activation_patching(model, clean, corrupt, "resid", answers=answers, progress=False)
+    frame = ap.run_activation_patching(model, clean, corrupt, "resid_pre", answers=answers, progress=False)
     assert frame.attrs["path"] == "kv-partial"
-    width = ap.prepare(model, clean, corrupt, "resid")[0].enc.tokens.shape[1]
+    width = ap.prepare(model, clean, corrupt, "resid_pre")[0].enc.tokens.shape[1]
     assert len(frame) == len(clean) * model.cfg.n_layers * width
-    c, x = ap.prepare(model, clean, corrupt, "resid")
+    c, x = ap.prepare(model, clean, corrupt, "resid_pre")
     for pair in range(len(clean)):
         differ = (c.enc.tokens[pair] != x.enc.tokens[pair]).nonzero()[:, 0].tolist()
         if len(differ) == 1:  # the only differing token, patched at the embeddings, restores the clean run
             row = frame[(frame.pair == pair) & (frame.layer == 0) & (frame.position == differ[0])]
             assert abs(float(row["recovered"].iloc[0]) - 1) < 1e-3
     assert width == c.enc.tokens.shape[1]
-    ref = ap.run_activation_patching(model, clean, corrupt, "resid", answers=answers, progress=False, reference=True)
+    ref = ap.run_activation_patching(model, clean, corrupt, "resid_pre", answers=answers, progress=False, reference=True)
     assert (frame["metric"] - ref["metric"]).abs().max() < 1e-4
 
 
@@ -114,3 +114,63 @@ def test_patching_on_organism(organism):
         fast = ap.patch_logits(organism, c, x, sites, layers, rows_per_call=8)
         ref = ap.patching_reference(organism, c, x, sites, layers)
         assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
+        assert max((ref[k] - x.last_logits).abs().max() for k in ref) > 1e-2, sites  # a trained model: sites matter
+
+
+@pytest.mark.parametrize("sites", ["q", "k", "v", "pattern"])
+def test_qkv_pattern_fast_equals_reference(tiny_model, sites):
+    """q / k / v / pattern head sites (k, v per key/value head on the GQA Llama): the KV-reusing sweep equals one
+    full forward per site, with and without the shortcuts; patching a run with itself is the identity."""
+    clean, corrupt = _aligned(tiny_model)
+    c, x = ap.prepare(tiny_model, clean[-1:] * 2, corrupt[-1:] + clean[-1:], sites)
+    layers = range(tiny_model.cfg.n_layers)
+    ref = ap.patching_reference(tiny_model, c, x, sites, layers)
+    assert len(ref) == tiny_model.cfg.n_layers * ap.n_sites(tiny_model, sites)
+    assert max((ref[k] - x.last_logits).abs().max() for k in ref) > 1e-6  # the patch arrives (random weights: small)
+    for skip in (True, False):
+        fast = ap.patch_logits(tiny_model, c, x, sites, layers, rows_per_call=3, skip_unchanged=skip)
+        assert fast.keys() == ref.keys()
+        assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
+    same_c, same_x = ap.prepare(tiny_model, clean, clean, sites)
+    own = ap.patch_logits(tiny_model, same_c, same_x, sites, layers, skip_unchanged=False)
+    assert max((v - same_x.last_logits).abs().max() for v in own.values()) < 1e-4
+
+
+@pytest.mark.parametrize("sites", ["q", "k", "v", "pattern", "z"])
+def test_head_sites_equal_transformer_lens_patching(tiny_models, sites):
+    """Our reference against ``transformer_lens.patching`` itself (unpadded prompts, a model without GQA)."""
+    import transformer_lens.patching as tlp
+
+    model = tiny_models["gpt2"]
+    clean, corrupt = _aligned(model)
+    clean, corrupt = clean[-1:], corrupt[-1:]
+    answers = (ANSWERS[0][-1:], ANSWERS[1][-1:])
+    ours = ap.run_activation_patching(model, clean, corrupt, sites, answers=answers, progress=False, reference=True)
+    good = ap.first_token_ids(model, answers[0])
+    bad = ap.first_token_ids(model, answers[1])
+    c = ap.encode(model, clean)
+    x = ap.encode(model, corrupt)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(c.tokens)
+    fn = getattr(tlp, f"get_act_patch_attn_head_{'out' if sites == 'z' else sites}_all_pos")
+
+    def metric(logits):
+        return logits[:, -1, good] - logits[:, -1, bad]
+
+    with torch.no_grad():
+        theirs = fn(model, x.tokens, cache, lambda logits: metric(logits)[0, 0])
+    mine = torch.tensor(ours.sort_values(["layer", "head"])["metric"].to_numpy()).view_as(theirs)
+    assert (mine - theirs.cpu()).abs().max() < 1e-5
+    assert (theirs - float(ours["corrupt_metric"].iloc[0])).abs().max() > 1e-6  # not a no-op on either side
+
+
+def test_old_site_names_warn_and_agree(tiny_models):
+    model = tiny_models["gpt2"]
+    clean, corrupt = _aligned(model)
+    answers = (ANSWERS[0][: len(clean)], ANSWERS[1][: len(clean)])
+    new = ap.run_activation_patching(model, clean, corrupt, "z", answers=answers, progress=False)
+    with pytest.warns(DeprecationWarning, match="'z'"):
+        old = ap.run_activation_patching(model, clean, corrupt, "heads", answers=answers, progress=False)
+    assert set(old["site"]) == {"z"} and (old["metric"] - new["metric"]).abs().max() < 1e-6
+    with pytest.raises(ap.MhopLensError, match="sites must be one of"):
+        ap.run_activation_patching(model, clean, corrupt, "resid_prex", answers=answers, progress=False)

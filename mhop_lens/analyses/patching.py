@@ -1,9 +1,13 @@
 """Activation patching (clean -> corrupted), many sites per forward: residual by (layer, position), or per head.
 
-Sites follow TransformerLens's ``transformer_lens.patching``: ``"resid"`` patches ``blocks.{l}.hook_resid_pre``
-at one position (as ``get_act_patch_resid_pre``), ``"heads"`` patches one head's ``attn.hook_z`` at every position
-(as ``get_act_patch_attn_head_out_all_pos``). The metric is read at the last position of the patched corrupted
-run; the default is the logit difference clean answer - corrupted answer.
+Sites are TransformerLens act names and follow ``transformer_lens.patching``: ``"resid_pre"`` patches
+``blocks.{l}.hook_resid_pre`` at one position (as ``get_act_patch_resid_pre``); ``"z"``, ``"q"``, ``"k"``, ``"v"``
+patch one head's ``attn.hook_{site}`` at every position (as ``get_act_patch_attn_head_{out,q,k,v}_all_pos``) and
+``"pattern"`` one head's attention pattern (as ``get_act_patch_attn_head_pattern_all_pos``). On grouped-query
+models ``k`` / ``v`` sites are the key/value heads (``head`` then indexes the ``n_key_value_heads``), which
+``transformer_lens.patching`` cannot patch. The old names ``"resid"`` and ``"heads"`` are accepted with a
+deprecation warning. The metric is read at the last position of the patched corrupted run; the default is the
+logit difference clean answer - corrupted answer.
 
 Fast path: clean and corrupted runs are cached once; the rows of many sites go along the batch dimension; a
 patch at (l, p) starts at block l (``partial_forward.run_from``) and recomputes only positions >= p over the
@@ -39,7 +43,10 @@ from mhop_lens.forward import last_logits
 from mhop_lens.tokens import encode, first_token_ids
 
 Metric = Callable[[Float[Tensor, "n vocab"], Int[Tensor, " n"], Int[Tensor, " n"]], Float[Tensor, " n"]]
-SITES = ("resid", "heads")
+SITES = ("resid_pre", "z", "q", "k", "v", "pattern")
+HEAD_SITES = ("z", "q", "k", "v", "pattern")
+#: Names of earlier releases -> TransformerLens act names.
+OLD_SITES = {"resid": "resid_pre", "heads": "z"}
 #: Rows (heads x pairs) of one forward in the head sweep.
 ROWS_PER_CALL = 512
 #: Residual sweep: the fixed cost of one forward, in token-equivalents, at least. Positions p0, p0+1, ... may share
@@ -52,6 +59,29 @@ CALL_OVERHEAD = 32
 SAME_RTOL = 1e-5
 #: Most tokens (rows x new positions) one forward of the residual sweep may hold.
 MAX_TOKENS_PER_CALL = 8192
+
+
+def site_name(site: str) -> str:
+    """The TransformerLens act name of a patching site (an old name is mapped, with a deprecation warning)."""
+    if site in OLD_SITES:
+        warnings.warn(f"activation patching site {site!r} is deprecated; use {OLD_SITES[site]!r} (TransformerLens's "
+                      "act name).", DeprecationWarning, stacklevel=3)
+        return OLD_SITES[site]
+    if site not in SITES:
+        raise MhopLensError(f"sites must be one of {SITES}, not {site!r}.")
+    return site
+
+
+def n_sites(model, site: str) -> int:
+    """Heads a head site has: key/value heads for ``k`` / ``v`` (grouped-query attention), else query heads."""
+    return hooks.n_kv_heads(model) if site in ("k", "v") else model.cfg.n_heads
+
+
+def site_acts(run: CleanRun, site: str, layer: int) -> Float[Tensor, "batch pos head ..."]:
+    """A head site's cached activation with positions on axis 1 and heads on axis 2 (the pattern's query
+    positions; its key axis stays last)."""
+    act = run.acts[hooks.head(layer, site)]
+    return act.transpose(1, 2) if site == "pattern" else act
 
 
 def logit_diff(logits: Float[Tensor, "n vocab"], clean_ids: Int[Tensor, " n"], corrupt_ids: Int[Tensor, " n"]
@@ -80,14 +110,14 @@ def counterfactual_pairs(queries: Sequence[TwoHopQuery], seed: int = 0) -> list[
 def prepare(model, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str], sites: str
             ) -> tuple[CleanRun, CleanRun]:
     """Cached clean and corrupted runs, encoded together so positions align; pairs must have equal lengths."""
-    n = len(clean_prompts)
+    sites, n = OLD_SITES.get(sites, sites), len(clean_prompts)
     enc = encode(model, list(clean_prompts) + list(corrupt_prompts))
     if not torch.equal(enc.lengths[:n], enc.lengths[n:]):
         bad = int((enc.lengths[:n] != enc.lengths[n:]).nonzero()[0])
         raise MhopLensError(f"pair {bad}: the clean and corrupted prompts have different token counts "
                             f"({clean_prompts[bad]!r} vs {corrupt_prompts[bad]!r}); activation patching by "
                             "position needs aligned prompts (same template, entities of the same token length).")
-    names = [hooks.head(layer, "z") for layer in range(model.cfg.n_layers)] if sites == "heads" else []
+    names = [hooks.head(layer, sites) for layer in range(model.cfg.n_layers)] if sites in HEAD_SITES else []
     both = clean_run(model, enc, names)
     split = []
     for part in (torch.arange(n), torch.arange(n, 2 * n)):
@@ -101,14 +131,17 @@ def _kv_rows(kv, rows):
     return cache_of([(entry.keys[rows], entry.values[rows]) for entry in kv.layers])
 
 
-def _head_hook(clean_z: Tensor, heads: Tensor):
-    """hook_z: row r takes head heads[r] from clean_z[r] at every position."""
+def _head_hook(clean: Tensor, heads: Tensor, site: str = "z"):
+    """A head site's hook: row r takes head heads[r] from clean[r] at every (new) position."""
 
-    def hook(z: Tensor, hook=None) -> Tensor:
-        z = z.clone()
-        rows = torch.arange(z.shape[0], device=z.device)
-        z[rows, :, heads] = clean_z[rows, -z.shape[1]:, heads].to(z.dtype)
-        return z
+    def hook(act: Tensor, hook=None) -> Tensor:
+        act = act.clone()
+        rows = torch.arange(act.shape[0], device=act.device)
+        if site == "pattern":  # [batch head query key]: the new query rows over every key
+            act[rows, heads] = clean[rows, heads, -act.shape[2]:, -act.shape[3]:].to(act.dtype)
+        else:  # [batch pos head d_head]
+            act[rows, :, heads] = clean[rows, -act.shape[1]:, heads].to(act.dtype)
+        return act
 
     return hook
 
@@ -128,11 +161,11 @@ def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: 
     ``overhead``: see ``call_overhead`` (its default).
     """
     n, width = corrupt.enc.tokens.shape
-    dev = corrupt.streams.device
+    dev, sites = corrupt.streams.device, OLD_SITES.get(sites, sites)
     out = {}
     pairs = torch.arange(n)
     calls = kept_block_args(model)  # the same row tiles recur in every layer: capture their block arguments once
-    if sites == "resid":
+    if sites == "resid_pre":
         cost = call_overhead(model) if overhead is None else overhead
         for layer in layers:
             run = _skip_unchanged(out, clean, corrupt, sites, layer, skip_unchanged)[0]
@@ -150,16 +183,16 @@ def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: 
     else:
         step = max(1, rows_per_call // n)
         for layer in layers:
-            name = hooks.head(layer, "z")
+            name = hooks.head(layer, sites)
             run, p0 = _skip_unchanged(out, clean, corrupt, sites, layer, skip_unchanged)
-            if layer == model.cfg.n_layers - 1:  # the last block: only the read-out position matters
-                p0 = width - 1
+            if layer == model.cfg.n_layers - 1 and sites not in ("k", "v"):
+                p0 = width - 1  # the last block: only the read-out position's query side matters
             todo = run.nonzero()[:, 0]
             for a in range(0, len(todo), step):
                 hs = todo[a : a + step]
                 rows = pairs.repeat(len(hs))
                 heads = hs.repeat_interleave(n)
-                fn = _head_hook(clean.acts[name][rows.to(dev)], heads.to(dev))
+                fn = _head_hook(clean.acts[name][rows.to(dev)], heads.to(dev), sites)
                 logits = run_from(model, corrupt.streams[layer][rows.to(dev), p0:], layer,
                                   corrupt.enc.attention_mask[rows.to(dev)],
                                   prefix_cache(corrupt.kv, rows.to(dev), p0, layer),
@@ -190,7 +223,7 @@ def call_overhead(model) -> int:
 
 def changed_sites(clean: CleanRun, corrupt: CleanRun, sites: str, layer: int, skip_unchanged: bool = True
                   ) -> tuple[Bool[Tensor, " site"], Bool[Tensor, "site batch"], int]:
-    """Which sites of ``layer`` (positions for ``"resid"``, heads for ``"heads"``) need a forward, and what the
+    """Which sites of ``layer`` (positions for ``resid_pre``, heads for a head site) need a forward, and what the
     others give without one.
 
     Returns ``run`` (per site), ``as_clean`` (per site and pair, for sites not run: True where the patch turns the
@@ -198,18 +231,18 @@ def changed_sites(clean: CleanRun, corrupt: CleanRun, sites: str, layer: int, sk
     at the site, so the patch is the identity) and the first position where anything of the layer differs
     (positions before it keep the corrupted keys/values). Without ``skip_unchanged``: every site, from position 0.
     """
-    if sites == "resid":  # [batch pos d_model], a site is a position
+    sites = OLD_SITES.get(sites, sites)
+    if sites == "resid_pre":  # [batch pos d_model], a site is a position
         a, b, site = clean.streams[layer], corrupt.streams[layer], 1
-    else:  # [batch pos head d_head], a site is a head
-        name = hooks.head(layer, "z")
-        a, b, site = clean.acts[name], corrupt.acts[name], 2
+    else:  # [batch pos head d_head] (the pattern: [batch query head key]), a site is a head
+        a, b, site = site_acts(clean, sites, layer), site_acts(corrupt, sites, layer), 2
     n, n_sites = a.shape[0], a.shape[site]
     if not skip_unchanged:
         return torch.ones(n_sites, dtype=torch.bool), torch.zeros(n_sites, n, dtype=torch.bool), 0
     differ = ((a - b).abs().amax(-1) > SAME_RTOL * b.abs().amax(-1)).cpu()  # [batch pos] or [batch pos head]
-    positions = differ if sites == "resid" else differ.any(-1)
+    positions = differ if sites == "resid_pre" else differ.any(-1)
     start = int(positions.any(0).nonzero()[0, 0]) if positions.any() else a.shape[1]
-    if sites == "resid":  # patching the only differing position of a pair restores its clean run
+    if sites == "resid_pre":  # patching the only differing position of a pair restores its clean run
         as_clean = (differ & (differ.sum(1, keepdim=True) == 1)).T
         return (differ.T & ~as_clean).any(1), as_clean, start
     return differ.any(1).any(0), torch.zeros(n_sites, n, dtype=torch.bool), start
@@ -244,10 +277,11 @@ def patching_reference(model, clean: CleanRun, corrupt: CleanRun, sites: str, la
                        ) -> dict[tuple[int, int], Float[Tensor, "n vocab"]]:
     """One batched full forward of the corrupted prompts per site (TransformerLens's loop, with the mask)."""
     n, width = corrupt.enc.tokens.shape
+    sites = OLD_SITES.get(sites, sites)
     out = {}
     for layer in layers:
-        for index in range(width if sites == "resid" else model.cfg.n_heads):
-            if sites == "resid":
+        for index in range(width if sites == "resid_pre" else n_sites(model, sites)):
+            if sites == "resid_pre":
                 name = hooks.resid(layer, "pre")
                 value = clean.streams[layer][:, index]
 
@@ -256,12 +290,13 @@ def patching_reference(model, clean: CleanRun, corrupt: CleanRun, sites: str, la
                     act[:, p] = value
                     return act
             else:
-                name = hooks.head(layer, "z")
-                value = clean.acts[name][:, :, index]
+                name = hooks.head(layer, sites)
+                axis = 1 if sites == "pattern" else 2
+                value = clean.acts[name].select(axis, index)
 
-                def fn(act, hook=None, value=value, h=index):
+                def fn(act, hook=None, value=value, h=index, axis=axis):
                     act = act.clone()
-                    act[:, :, h] = value
+                    act.select(axis, h).copy_(value)
                     return act
 
             with torch.no_grad():
@@ -274,7 +309,7 @@ def run_activation_patching(
     model,
     clean: Sequence[TwoHopQuery] | Sequence[str],
     corrupted: Sequence[TwoHopQuery] | Sequence[str],
-    sites: str = "resid",
+    sites: str = "resid_pre",
     metric: Metric = logit_diff,
     answers: tuple[Sequence[str], Sequence[str]] | None = None,
     layers: Sequence[int] | None = None,
@@ -284,13 +319,14 @@ def run_activation_patching(
 ) -> pd.DataFrame:
     """One row per (pair, layer, position) or (pair, layer, head) with the patched metric.
 
+    ``sites``: ``resid_pre`` (by position) or a head site ``z`` / ``q`` / ``k`` / ``v`` / ``pattern`` (see the
+    module doc; ``k`` / ``v`` index key/value heads on grouped-query models).
     ``clean`` / ``corrupted`` are queries (answers: first token of each e3) or prompts with ``answers`` =
     (clean answers, corrupted answers). Columns: pair, qid, corrupt_qid, site, layer, position|head, metric,
     clean_metric, corrupt_metric, recovered ((metric - corrupt) / (clean - corrupt)). ``frame.attrs["path"]``
     says whether the fast path or the reference ran.
     """
-    if sites not in SITES:
-        raise MhopLensError(f"sites must be one of {SITES}, not {sites!r}.")
+    sites = site_name(sites)
     if len(clean) != len(corrupted):
         raise MhopLensError(f"{len(clean)} clean but {len(corrupted)} corrupted inputs; pass one of each per pair.")
     queries = bool(clean) and isinstance(clean[0], TwoHopQuery)
@@ -318,7 +354,7 @@ def run_activation_patching(
         logits = (patch_logits if fast else patching_reference)(model, c, x, sites, layers)
         g, b = good_ids[part], bad_ids[part]
         clean_m, corrupt_m = metric(c.last_logits, g, b).cpu(), metric(x.last_logits, g, b).cpu()
-        index = "position" if sites == "resid" else "head"
+        index = "position" if sites == "resid_pre" else "head"
         keys, n = list(logits), len(g)
         value = metric(torch.cat(list(logits.values())), g.repeat(len(keys)), b.repeat(len(keys))).cpu()
         frames.append(pd.DataFrame({

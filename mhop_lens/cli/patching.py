@@ -66,14 +66,20 @@ def backpatch(**kw) -> None:
 
 @click.command()
 @run_options
-@click.option("--sites", type=click.Choice(["resid", "heads"]), default="resid", show_default=True,
-              help="resid: resid_pre by layer x position; heads: each head's z at all positions.")
+@click.option("--sites", type=click.Choice(["resid_pre", "z", "q", "k", "v", "pattern", "resid", "heads"]),
+              default="resid_pre", show_default=True,
+              help="TransformerLens act names: resid_pre by layer x position; z / q / k / v / pattern: one head's "
+                   "activation at every position (k, v: key/value heads on GQA models). resid and heads are the "
+                   "deprecated names of resid_pre and z.")
 @click.option("--reference", is_flag=True, help="Use the slow one-forward-per-site implementation.")
 @friendly_errors
 def patch(**kw) -> None:
     """Activation patching clean -> corrupted; pairs share (r1, r2) and differ in e1 (metric: logit difference)."""
-    from mhop_lens.analyses.patching import counterfactual_pairs, run_activation_patching
+    from mhop_lens.analyses.patching import OLD_SITES, counterfactual_pairs, run_activation_patching
 
+    if kw["sites"] in OLD_SITES:
+        click.echo(f"note: --sites {kw['sites']} is deprecated; use --sites {OLD_SITES[kw['sites']]}.", err=True)
+        kw["sites"] = OLD_SITES[kw["sites"]]
     store, model, queries = setup_sweep("patch", kw, shard=False)
     pairs = _shard(counterfactual_pairs(queries, kw["seed"]), kw)
     store.log(f"{len(pairs)} clean/corrupted pairs")
@@ -83,7 +89,7 @@ def patch(**kw) -> None:
                                         batch_size=kw["batch_size"], reference=kw["reference"], progress=False)
         return frame.drop(columns="pair")
 
-    index = "position" if kw["sites"] == "resid" else "head"
+    index = "position" if kw["sites"] == "resid_pre" else "head"
     frame = store.sweep("patching", pairs, compute, key=lambda pair: pair[0].id, chunk_size=kw["batch_size"],
                         sort_by=["qid", "layer", index], desc=f"patch {kw['sites']}")
     summary = frame.groupby(["layer", index])["recovered"].mean().unstack(index)
