@@ -99,7 +99,8 @@ def test_run_frame_and_recovery(tiny_models):
             row = frame[(frame.pair == pair) & (frame.layer == 0) & (frame.position == differ[0])]
             assert abs(float(row["recovered"].iloc[0]) - 1) < 1e-3
     assert width == c.enc.tokens.shape[1]
-    ref = ap.run_activation_patching(model, clean, corrupt, "resid_pre", answers=answers, progress=False, reference=True)
+    ref = ap.run_activation_patching(model, clean, corrupt, "resid_pre", answers=answers, progress=False,
+                                     reference=True)
     assert (frame["metric"] - ref["metric"]).abs().max() < 1e-4
 
 
