@@ -13,6 +13,15 @@ from typing import Literal
 import torch
 
 ARCHITECTURES = ("gpt2", "llama", "neox")
+#: Every architecture ``make_config`` builds (the architecture matrix of tests/test_arch_matrix.py); the first three
+#: are the suite's default fixtures. Windowed ones use ``WINDOW``-token sliding / local attention.
+MATRIX = ARCHITECTURES + (
+    "mistral", "qwen2", "qwen2-sliding", "qwen3", "gemma", "gemma2", "gemma2-nocap", "gemma3", "phi", "phi3",
+    "opt", "gptj", "falcon", "stablelm", "olmo2", "cohere", "gpt-bigcode", "codegen", "gpt-neo", "mpt", "bloom",
+    "starcoder2",
+)
+#: Sliding / local attention window of the windowed tiny models (tokens): shorter than the long test prompts.
+WINDOW = 16
 
 CORPUS = """
 The spouse of the performer of Imagine is Yoko Ono. The performer of Imagine is John Lennon.
@@ -50,24 +59,90 @@ def make_tokenizer(kind: Literal["bpe", "word"] = "bpe", vocab_size: int = 512, 
 
 def make_config(arch: str, vocab_size: int, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int | None,
                 n_ctx: int, d_mlp: int | None):
-    """An HF config of ``arch`` with the given shape; bos/pad ids follow ``make_tokenizer``."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+    """An HF config of ``arch`` (one of ``MATRIX``) with the given shape; bos/pad ids follow ``make_tokenizer``."""
+    import transformers as tf
 
     d_mlp = d_mlp or 4 * d_model
+    kv = n_kv_heads or max(1, n_heads // 2)
+    d_head = d_model // n_heads
     ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    # the common shape of Llama-like configs (hidden_size / intermediate_size / num_*)
+    llama_like = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                      num_attention_heads=n_heads, num_key_value_heads=kv, max_position_embeddings=n_ctx, **ids)
+    gemma = dict(llama_like, head_dim=d_head, query_pre_attn_scalar=d_head, hidden_activation="gelu_pytorch_tanh")
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
-                          n_head=n_heads, n_inner=d_mlp, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        return tf.GPT2Config(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
+                             n_head=n_heads, n_inner=d_mlp, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp,
-                           num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                           num_key_value_heads=n_kv_heads or max(1, n_heads // 2), max_position_embeddings=n_ctx,
-                           tie_word_embeddings=False, **ids)
+        return tf.LlamaConfig(**llama_like, tie_word_embeddings=False)
     if arch == "neox":
-        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp,
-                             num_hidden_layers=n_layers, num_attention_heads=n_heads, max_position_embeddings=n_ctx,
-                             rotary_pct=0.25, use_parallel_residual=True, **ids)
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}.")
+        return tf.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp,
+                                num_hidden_layers=n_layers, num_attention_heads=n_heads, max_position_embeddings=n_ctx,
+                                rotary_pct=0.25, use_parallel_residual=True, **ids)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=WINDOW)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if arch == "qwen2-sliding":  # sliding window on the layers from max_window_layers on
+        return tf.Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**llama_like, head_dim=d_head)
+    if arch == "gemma":
+        return tf.GemmaConfig(**{k: v for k, v in gemma.items() if k != "query_pre_attn_scalar"})
+    if arch in ("gemma2", "gemma2-nocap"):
+        cap = dict(final_logit_softcapping=2.0, attn_logit_softcapping=50.0) if arch == "gemma2" else dict(
+            final_logit_softcapping=None, attn_logit_softcapping=None)
+        return tf.Gemma2Config(**gemma, sliding_window=WINDOW, **cap)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**gemma, sliding_window=WINDOW, sliding_window_pattern=2,
+                                   final_logit_softcapping=2.0)
+    if arch == "phi":
+        return tf.PhiConfig(**{k: v for k, v in llama_like.items() if k != "num_key_value_heads"},
+                            partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    if arch == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=vocab_size, hidden_size=d_model, ffn_dim=d_mlp, num_hidden_layers=n_layers,
+                            num_attention_heads=n_heads, max_position_embeddings=n_ctx, word_embed_proj_dim=d_model,
+                            dropout=0.0, **ids)
+    if arch == "gptj":
+        return tf.GPTJConfig(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
+                             n_head=n_heads, n_inner=d_mlp, rotary_dim=d_head // 2, resid_pdrop=0.0, embd_pdrop=0.0,
+                             attn_pdrop=0.0, **ids)
+    if arch == "falcon":
+        return tf.FalconConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers,
+                               num_attention_heads=n_heads, multi_query=True, alibi=False, parallel_attn=True,
+                               new_decoder_architecture=False, max_position_embeddings=n_ctx, **ids)
+    if arch == "stablelm":
+        return tf.StableLmConfig(**llama_like, partial_rotary_factor=0.25)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**llama_like)
+    if arch == "cohere":
+        return tf.CohereConfig(**llama_like, logit_scale=0.25)
+    if arch == "gpt-bigcode":
+        return tf.GPTBigCodeConfig(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
+                                   n_head=n_heads, n_inner=d_mlp, multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0,
+                                   attn_pdrop=0.0, **ids)
+    if arch == "codegen":
+        return tf.CodeGenConfig(vocab_size=vocab_size, n_positions=n_ctx, n_ctx=n_ctx, n_embd=d_model,
+                                n_layer=n_layers, n_head=n_heads, n_inner=d_mlp, rotary_dim=d_head // 2,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    if arch == "gpt-neo":  # alternating global / local attention
+        kinds = [[["global", "local"], (n_layers + 1) // 2]]
+        return tf.GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=n_ctx, hidden_size=d_model,
+                               num_layers=2 * ((n_layers + 1) // 2), num_heads=n_heads, intermediate_size=d_mlp,
+                               attention_types=kinds, window_size=WINDOW, resid_dropout=0.0, embed_dropout=0.0,
+                               attention_dropout=0.0, **ids)
+    if arch == "mpt":  # ALiBi
+        return tf.MptConfig(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+                            expansion_ratio=d_mlp // d_model, max_seq_len=n_ctx, attn_config={"alibi": True},
+                            **ids)
+    if arch == "bloom":  # ALiBi
+        return tf.BloomConfig(vocab_size=vocab_size, hidden_size=d_model, n_layer=n_layers, n_head=n_heads,
+                              hidden_dropout=0.0, attention_dropout=0.0, **ids)
+    if arch == "starcoder2":
+        return tf.Starcoder2Config(**llama_like, sliding_window=WINDOW, residual_dropout=0.0, embedding_dropout=0.0)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {MATRIX}.")
 
 
 def save_tiny_model(
@@ -95,3 +170,19 @@ def save_tiny_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def load_tiny_model(path: str | os.PathLike, device: str = "cpu", **kw):
+    """``load_model`` of a ``save_tiny_model`` directory with its tokenizer passed explicitly.
+
+    transformers 5 picks the tokenizer class from the model type for some architectures (a BPE tokenizer saved
+    beside a Qwen2 config loads as ``Qwen2Tokenizer`` and returns no ids), and the bridge reloads a tokenizer that
+    does not add BOS itself through ``AutoTokenizer``; a ``PreTrainedTokenizerFast`` with ``add_bos_token`` set is
+    used as it is (the suite prepends BOS itself, ``tokens.encode``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mhop_lens.models import load_model
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), add_bos_token=True)
+    return load_model(str(path), device=device, tokenizer=tokenizer, **kw)
+

@@ -13,7 +13,6 @@ of the prefix (``partial_forward``). Reference (``backpatch_reference_logits``):
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Sequence
 
 import pandas as pd
@@ -26,13 +25,16 @@ from mhop_lens import hooks, interventions
 from mhop_lens.analyses.partial_forward import (
     BlockArgs,
     CleanRun,
-    check_fast_path,
     clean_run,
+    dispatch,
     kept_block_args,
     prefix_cache,
+    readout,
+    reference_run,
     run_from,
+    warn_once,
 )
-from mhop_lens.analyses.variant_tokens import check_variant_path, run_variants
+from mhop_lens.analyses.variant_tokens import run_variants, variant_path_cause
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import last_logits
@@ -128,9 +130,13 @@ def _variants(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pa
         r = rows[a : a + step].to(device)
         variants = clean.streams[sources[None] + 1, donor[a : a + step, None], donor_pos[a : a + step, None]]
         mask, cache = clean.enc.attention_mask[r], prefix_cache(clean.kv, r, start, t + 1)
-        if a == 0 and not check_variant_path(model, variants[:4], t + 1, mask[:4],  # once per model, on 4 rows
-                                             prefix_cache(clean.kv, r[:4], start, t + 1)):
-            return False
+        if a == 0:  # checked once per model and condition, on 4 rows
+            cause = variant_path_cause(model, variants[:4], t + 1, mask[:4],
+                                       prefix_cache(clean.kv, r[:4], start, t + 1))
+            if cause is not None:
+                warn_once(model, "back-patching: variant tokens (one prefix copy per row)", cause,
+                          "running one row per variant instead (same results, more memory)")
+                return False
         out[idx, a : a + step] = run_variants(model, variants, t + 1, mask, cache).transpose(0, 1).to(out.dtype)
     return True
 
@@ -139,7 +145,7 @@ def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, cal
     """Last-position logits of ``resid`` (positions >= start of ``rows``) entering block t+1."""
     device = clean.streams.device
     if t + 1 >= model.cfg.n_layers:  # the final residual: only the unembedding is left
-        return model.unembed(model.ln_final(resid))[:, -1]
+        return readout(model, resid)[:, -1]
     mask = clean.enc.attention_mask[rows.to(device)]
     cache = prefix_cache(clean.kv, rows.to(device), start, t + 1)
     return run_from(model, resid, t + 1, mask, cache, block_args=calls)[:, -1]
@@ -184,8 +190,10 @@ def run_backpatch(
     """One row per (qid, position, s, t, donor) with the answer's rank, probability and correctness.
 
     ``donors[i]`` is query i's shuffled donor (default: a seeded derangement of ``queries``). ``reference=True``
-    uses the per-pair full-forward implementation. The fast path is used when ``check_fast_path`` passes on this
-    model, else the reference; ``frame.attrs["path"]`` says which ran.
+    uses the per-pair full-forward implementation and never enters the fast machinery. Otherwise the fast path runs
+    where ``partial_forward.fast_path_cause`` finds it exact for this model and batch condition, else (or on any
+    exception in it) the reference, with one warning naming the cause; ``frame.attrs["path"]`` says which ran
+    (the last batch's).
     """
     if scorer != "first-token":
         raise MhopLensError(f"scorer {scorer!r} is not supported by back-patching; use 'first-token'.")
@@ -204,22 +212,22 @@ def run_backpatch(
                 index[d.id] = len(batch) + len(extra)
                 extra.append(d)
         enc = encode(model, [q.prompt for q in batch + extra])
-        fast = not reference and check_fast_path(model, enc)
-        path = "kv-partial" if fast else "reference"
-        if not fast and not reference:
-            warnings.warn("back-patching: the KV-reusing fast path does not reproduce this model's forward; using the "
-                          "batched full-forward reference instead (slower, same results).", stacklevel=2)
-        patch = backpatch_logits if fast else backpatch_reference_logits
-        clean = clean_run(model, enc)
         every = batch + extra
         targets = first_token_ids(model, [q.answer_prefix + q.e3 for q in every])
-        clean_rank, _ = _score(clean.last_logits[None], targets)
         n = len(batch)
         rows = torch.arange(n).repeat(2 if control else 1)
         donor = torch.tensor(list(range(n)) + [index[d.id] for d in batch_donors])
-        for position in positions:
-            pos = positions_of(enc, every, position)
-            logits = patch(model, clean, rows, pos[rows], pairs, donor, pos[donor])
+        pos_of = [positions_of(enc, every, position) for position in positions]
+
+        def compute(fast: bool, enc=enc, rows=rows, donor=donor, pos_of=pos_of):
+            clean = clean_run(model, enc) if fast else reference_run(model, enc)
+            patch = backpatch_logits if fast else backpatch_reference_logits
+            return clean, [patch(model, clean, rows, pos[rows], pairs, donor, pos[donor]) for pos in pos_of]
+
+        (clean, patched), path = dispatch(model, enc, "back-patching", lambda: compute(True), lambda: compute(False),
+                                          use_reference=reference)
+        clean_rank, _ = _score(clean.last_logits[None], targets)
+        for position, logits in zip(positions, patched, strict=True):
             rank, prob = _score(logits, targets[rows])
             for i, (kind, who) in enumerate(zip(DONORS, (batch, batch_donors)[: 2 if control else 1], strict=False)):
                 part = slice(i * n, (i + 1) * n)

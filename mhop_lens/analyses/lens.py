@@ -1,9 +1,10 @@
 """Logit lens and sublayer projection ("Hopping Too Late" section 3): read e2 / e3 off every layer's outputs.
 
 Each site's vector (``resid`` = ``hook_resid_post``, ``attn_out``, ``mlp_out``) at a chosen position is sent
-through the model's own final norm and unembedding (``model.ln_final``, ``model.unembed``), exactly the path the
-last layer's residual takes to the logits, so the last layer's ``resid`` projection *is* the model's output. One
-cached forward per batch serves every layer, site and position.
+through the model's own final norm and unembedding (``model.ln_final``, ``model.unembed``) and whatever the model
+applies after the unembedding (a logit scale, Gemma-2's final soft cap: ``partial_forward.readout``, read from
+the model), exactly the path the last layer's residual takes to the logits, so the last layer's ``resid``
+projection *is* the model's output. One cached forward per batch serves every layer, site and position.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mhop_lens import hooks
 from mhop_lens.analyses import sites as S
+from mhop_lens.analyses.partial_forward import readout
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import DataError
 from mhop_lens.forward import run_with_cache
@@ -31,10 +33,11 @@ Translator = Callable[[int, Float[Tensor, "... d_model"]], Float[Tensor, "... d_
 
 
 def project(model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
-    """Vocabulary logits of residual-space vectors: the model's final norm, then its unembedding."""
+    """Vocabulary logits of residual-space vectors: the model's final norm, its unembedding and its logit
+    scale / soft cap (``partial_forward.readout``)."""
     shape = x.shape
     flat = x.reshape(1, -1, shape[-1])
-    return model.unembed(model.ln_final(flat)).reshape(*shape[:-1], -1)
+    return readout(model, flat).reshape(*shape[:-1], -1)
 
 
 def ranks(logits: Float[Tensor, "... vocab"], ids: Tensor) -> Tensor:

@@ -8,22 +8,45 @@ arithmetic is the bridge's, hooks included) with the prefix keys/values in an HF
 
 The per-call block arguments (attention mask, position ids, rotary embeddings) are taken from the model itself:
 a forward with the same mask and cache is stopped at block 0 and its arguments are reused, so any architecture
-whose blocks the bridge calls in a loop works. ``check_fast_path`` verifies this per model against a full forward.
+whose blocks the bridge calls in a loop works. ``fast_path_cause`` verifies this against a full forward once per
+model *and condition* (``condition``: every sliding window exceeded or not, padding, batch shape, dtype, device);
+``dispatch`` runs an analysis's fast path under that verdict and falls back to its reference on any exception,
+with one warning naming the architecture and the cause. Prompts at least as long as a sliding / local attention
+window never take the fast path (the cached-prefix forward does not apply the window). Everything read from
+transformers' internals goes through ``hf_compat``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import Cache, DynamicCache
+from transformers import DynamicCache
 
 from mhop_lens import hooks
+from mhop_lens.analyses.hf_compat import (
+    FastPathError,
+    apply_readout,
+    architecture,
+    attention_windows,
+    cache_of,
+    empty_cache,
+    ensure_cache_plumbing,
+    is_cache,
+    kv_layers,
+    logit_readout,
+    seq_length,
+)
 from mhop_lens.tokens import Encoded
+
+__all__ = ["FastPathError", "cache_of", "kv_layers"]  # re-exported for the analyses
+T = TypeVar("T")
 
 #: Largest |logit| difference between ``run_from`` and a full forward that still counts as the same computation.
 FAST_PATH_TOL = 1e-4
@@ -39,7 +62,7 @@ class CleanRun:
 
     enc: Encoded
     streams: Float[Tensor, "layer_plus_1 batch pos d_model"]  # streams[l] enters block l; streams[L] leaves L-1
-    kv: DynamicCache
+    kv: DynamicCache | None  # None in a ``reference_run`` (no cache machinery at all)
     last_logits: Float[Tensor, "batch vocab"]
     acts: dict[str, Tensor] = field(default_factory=dict)
 
@@ -48,9 +71,9 @@ class CleanRun:
         return self.streams[layer + 1]
 
 
-def _streams_forward(model, tokens, attention_mask, cache=None, names: Sequence[str] = ()):
-    """Logits, KV cache, the residual entering every block (+ the last block's output) and the activations
-    ``names``, all from one forward."""
+def _streams_forward(model, tokens, attention_mask, cache=None, names: Sequence[str] = (), use_kv: bool = True):
+    """Logits, KV cache (None without ``use_kv``), the residual entering every block (+ the last block's output)
+    and the activations ``names``, all from one forward."""
     n_layers = model.cfg.n_layers
     stream_names = [hooks.resid(0, "pre")] + [hooks.resid(layer, "post") for layer in range(n_layers)]
     store: dict[str, Tensor] = {}
@@ -62,12 +85,26 @@ def _streams_forward(model, tokens, attention_mask, cache=None, names: Sequence[
 
         return hook
 
-    kw = {} if cache is None else {"past_key_values": cache}
     fwd = [(name, keep(name)) for name in dict.fromkeys([*stream_names, *names])]
     with torch.no_grad():
-        logits, kv = model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=fwd,
-                                          return_type="logits_and_cache", use_cache=True, **kw)
+        if use_kv:
+            ensure_cache_plumbing(model)
+            kw = {} if cache is None else {"past_key_values": cache}
+            with _quiet():
+                logits, kv = model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=fwd,
+                                                  return_type="logits_and_cache", use_cache=True, **kw)
+            kv_layers(kv)  # raises FastPathError when the forward left the cache empty
+        else:
+            logits, kv = model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=fwd), None
     return logits, kv, torch.stack([store[name] for name in stream_names]), {name: store[name] for name in names}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' deprecation notice for ``past_key_values`` (the bridge's forward takes that name)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
+        yield
 
 
 def _prefix_groups(enc: Encoded) -> Int[Tensor, " batch"] | None:
@@ -85,21 +122,37 @@ def clean_run(model, enc: Encoded, names: Sequence[str] = (), share_prefixes: bo
 
     With ``share_prefixes`` (and no extra ``names``), rows whose prompts differ only in the last token (the
     organism's "e1 's r1 's r2" for one (e1, r1)) run their shared prefix once; the last tokens then run over
-    that prefix's keys/values. Checked once per model against the plain forward (``_mhop_prefix_share_ok``).
+    that prefix's keys/values. Checked against the plain forward once per model and condition
+    (``_mhop_prefix_share_ok``); any failure of the shared run gives the plain one. Part of the fast machinery:
+    reference paths use ``reference_run``. Raises ``FastPathError`` when the model returns no usable KV cache.
     """
     group = _prefix_groups(enc) if share_prefixes and not names else None
-    if group is not None and getattr(model, "_mhop_prefix_share_ok", None) is not False:
-        shared = _shared_clean_run(model, enc, group)
-        if getattr(model, "_mhop_prefix_share_ok", None) is None:
-            plain = clean_run(model, enc, share_prefixes=False)
-            model._mhop_prefix_share_ok = bool(
-                (shared.last_logits - plain.last_logits).abs().max() < FAST_PATH_TOL
-                and (shared.streams - plain.streams).abs().max() < FAST_PATH_TOL)
-            return shared if model._mhop_prefix_share_ok else plain
-        return shared
+    if group is not None and not _exceeds_window(model, enc):
+        verdicts = _verdicts(model, "_mhop_prefix_share_ok")
+        key = condition(model, enc)
+        if verdicts.get(key, True):
+            try:
+                shared = _shared_clean_run(model, enc, group)
+                if key not in verdicts:
+                    plain = clean_run(model, enc, share_prefixes=False)
+                    verdicts[key] = bool(
+                        (shared.last_logits - plain.last_logits).abs().max() < FAST_PATH_TOL
+                        and (shared.streams - plain.streams).abs().max() < FAST_PATH_TOL)
+                    return shared if verdicts[key] else plain
+                return shared
+            except Exception:  # noqa: BLE001 - a failing shortcut: the plain run below decides what is wrong
+                verdicts[key] = False
     logits, kv, streams, extra = _streams_forward(model, enc.tokens, enc.attention_mask, names=names)
     rows = torch.arange(logits.shape[0], device=logits.device)
     return CleanRun(enc, streams, kv, logits[rows, enc.last.to(logits.device)].detach(), extra)
+
+
+def reference_run(model, enc: Encoded, names: Sequence[str] = ()) -> CleanRun:
+    """``clean_run``'s residuals, last logits and activations from one plain full forward: no KV cache, no prefix
+    sharing, nothing kept on the model (what reference paths and fallbacks compute from)."""
+    logits, _, streams, extra = _streams_forward(model, enc.tokens, enc.attention_mask, names=names, use_kv=False)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return CleanRun(enc, streams, None, logits[rows, enc.last.to(logits.device)].detach(), extra)
 
 
 def _shared_clean_run(model, enc: Encoded, group: Int[Tensor, " batch"]) -> CleanRun:
@@ -109,24 +162,10 @@ def _shared_clean_run(model, enc: Encoded, group: Int[Tensor, " batch"]) -> Clea
     first = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=device)
     first[group] = torch.arange(len(group), device=device)  # one representative row per prefix
     _, kv_u, streams_u, _ = _streams_forward(model, enc.tokens[first, :-1], enc.attention_mask[first, :-1])
-    cache = cache_of([(entry.keys.index_select(0, group), entry.values.index_select(0, group))
-                      for entry in kv_u.layers])
+    cache = cache_of([(k.index_select(0, group), v.index_select(0, group)) for k, v in kv_layers(kv_u)])
     logits, kv, streams_last, _ = _streams_forward(model, enc.tokens[:, -1:], enc.attention_mask, cache)
     streams = torch.cat([streams_u[:, group], streams_last], dim=2)
     return CleanRun(enc, streams, kv, logits[:, -1].detach(), {})
-
-
-def cache_of(layers: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
-    """A DynamicCache holding exactly these (keys, values) per layer.
-
-    ``DynamicCache.update`` on an empty layer concatenates onto an empty tensor, i.e. copies; building the cache
-    that way would copy every prefix twice before the blocks copy it again when they append the new positions.
-    """
-    cache = DynamicCache()
-    for layer, (k, v) in enumerate(layers):
-        cache.update(k[..., :0, :], v[..., :0, :], layer)  # initialises the layer (dtype, device) at no cost
-        cache.layers[layer].keys, cache.layers[layer].values = k, v
-    return cache
 
 
 def prefix_cache(kv: DynamicCache, rows: Int[Tensor, " n"], end: int, from_layer: int = 0) -> DynamicCache | None:
@@ -138,8 +177,8 @@ def prefix_cache(kv: DynamicCache, rows: Int[Tensor, " n"], end: int, from_layer
     if end == 0:
         return None
     layers = []
-    for layer, entry in enumerate(kv.layers):
-        k, v = entry.keys[..., :end, :], entry.values[..., :end, :]
+    for layer, (k, v) in enumerate(kv_layers(kv)):
+        k, v = k[..., :end, :], v[..., :end, :]
         if layer < from_layer:
             layers.append((k[:1].expand(len(rows), *k.shape[1:]), v[:1].expand(len(rows), *v.shape[1:])))
         else:
@@ -157,9 +196,11 @@ def block_call(model, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: D
         raise _Stop
 
     dummy = torch.zeros((attention_mask.shape[0], n_new), dtype=torch.long, device=attention_mask.device)
+    ensure_cache_plumbing(model)
     handle = model.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(dummy, attention_mask=attention_mask, past_key_values=cache)
+        with _quiet():
+            model(dummy, attention_mask=attention_mask, past_key_values=cache)
     except _Stop:
         pass
     finally:
@@ -178,6 +219,7 @@ class _Capture:
     mask: Int[Tensor, "rows pos"]
     args: list
     kwargs: dict
+    cuttable: bool = True  # False when an argument folds the rows into its first dimension (Bloom's ALiBi)
 
 
 class BlockArgs:
@@ -200,17 +242,30 @@ class BlockArgs:
     def __call__(self, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache | None
                  ) -> tuple[list, dict]:
         n, width = attention_mask.shape
-        cached = 0 if cache is None else cache.get_seq_length()
+        cached = seq_length(cache)
         key = (n_new, cached, width, str(attention_mask.device))
         got = self._captures.get(key)
         # cutting rows is ambiguous when the captured row count equals another size of the arguments
-        cut_ok = got is not None and (n == got.rows or (n < got.rows and got.rows not in (n_new, cached, width)))
+        cut_ok = got is not None and (n == got.rows or (n < got.rows and got.cuttable
+                                                        and got.rows not in (n_new, cached, width)))
         if cut_ok and torch.equal(got.mask[:n], attention_mask):
             return for_call(got.args, got.kwargs, cache, got.rows, n)
         args, kwargs = stored(*(self.capture or block_call)(self.model, n_new, attention_mask, cache))
         if got is None or n >= got.rows:
-            self._captures[key] = _Capture(n, attention_mask, args, kwargs)
+            self._captures[key] = _Capture(n, attention_mask, args, kwargs, _cuttable([*args, *kwargs.values()], n))
         return for_call(args, kwargs, cache)
+
+
+def _cuttable(values, rows: int) -> bool:
+    """False when a tensor argument's first dimension is a multiple (> 1) of the row count: rows folded with
+    something else (heads, in Bloom's ALiBi bias) cannot be cut to the first n by slicing."""
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() and value.shape[0] != rows and rows > 1 \
+                and value.shape[0] % rows == 0:
+            return False
+        if isinstance(value, tuple | list) and not _cuttable(value, rows):
+            return False
+    return True
 
 
 def kept_block_args(model, capture=None) -> BlockArgs:
@@ -227,7 +282,7 @@ def kept_block_args(model, capture=None) -> BlockArgs:
 
 def _drop_cache(value):
     """``value`` with any cache object replaced by the ``_CACHE`` placeholder (``_adapt`` puts the call's back)."""
-    if isinstance(value, Cache):
+    if is_cache(value):
         return _CACHE
     if isinstance(value, tuple | list):
         return type(value)(_drop_cache(v) for v in value)
@@ -251,7 +306,7 @@ def for_call(args: list, kwargs: dict, cache: DynamicCache | None, rows: int = -
 def _adapt(value, rows: int, n: int, cache: DynamicCache | None):
     """A captured block argument for the first ``n`` of ``rows`` rows and the call's ``cache``."""
     if value is _CACHE:
-        return cache if cache is not None else DynamicCache()
+        return cache if cache is not None else empty_cache()
     if isinstance(value, Tensor):
         return value[:n] if value.dim() and value.shape[0] == rows else value
     if isinstance(value, tuple | list):
@@ -292,26 +347,117 @@ def run_blocks(model, hidden: Float[Tensor, "n new d_model"], start: int, args: 
                 kwargs["hidden_states"] = hidden
             out = model.blocks[layer](*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return model.unembed(model.ln_final(hidden))
+        return readout(model, hidden)
+
+
+def readout(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+    """The model's logits from a final residual: final norm, unembedding, then whatever the model applies after
+    the unembedding (a logit scale, Gemma-2's final soft cap; ``hf_compat.logit_readout``)."""
+    return apply_readout(model.unembed(model.ln_final(resid)), *logit_readout(model))
+
+
+# verdicts -------------------------------------------------------------------------------------------------------
+def condition(model, enc: Encoded) -> tuple:
+    """What can change whether the fast path reproduces the full forward on ``enc``: whether the prompts reach each
+    sliding window, padding side, whether any row is padded, batch shape, dtype and device."""
+    width = enc.tokens.shape[1]
+    padded = bool((enc.attention_mask == 0).any())
+    return (tuple(width >= w for w in attention_windows(model)), enc.padding_side, padded, tuple(enc.tokens.shape),
+            str(getattr(model.cfg, "dtype", None)), str(enc.tokens.device))
+
+
+def _verdicts(model, name: str) -> dict:
+    """The dict of verdicts ``name`` kept on the model (setting the attribute to None clears it)."""
+    kept = getattr(model, name, None)
+    if not isinstance(kept, dict):
+        kept = {}
+        setattr(model, name, kept)
+    return kept
+
+
+def _exceeds_window(model, enc: Encoded) -> int | None:
+    """The smallest sliding / local attention window the prompts reach (None when they reach none)."""
+    width = enc.tokens.shape[1]
+    reached = [w for w in attention_windows(model) if width >= w]
+    return min(reached) if reached else None
+
+
+def fast_path_cause(model, enc: Encoded) -> str | None:
+    """None when ``run_from`` reproduces the full forward on batches like ``enc``; else why not (one line).
+
+    Decided once per model and ``condition``: prompts reaching a sliding window are refused without a check; else
+    a clean run and a partial forward from the middle layer are compared with the full forward. Exceptions are
+    causes, except when a plain full forward fails too (the model or a hook of the user's is broken, not the
+    shortcut): then that error propagates and nothing is recorded."""
+    verdicts = _verdicts(model, "_mhop_fast_path_ok")
+    key = condition(model, enc)
+    if key in verdicts:
+        return verdicts[key]
+    window = _exceeds_window(model, enc)
+    if window is not None:
+        cause = (f"prompts of {enc.tokens.shape[1]} tokens reach its {window}-token sliding/local attention window, "
+                 "which a partial forward over a cached prefix does not apply")
+    else:
+        try:
+            clean = clean_run(model, enc)
+            start = model.cfg.n_layers // 2
+            end = enc.tokens.shape[1] - 1
+            rows = torch.arange(enc.tokens.shape[0], device=enc.tokens.device)
+            got = run_from(model, clean.streams[start][:, end:], start, enc.attention_mask,
+                           prefix_cache(clean.kv, rows, end, start))[:, -1]
+            full = reference_run(model, enc).last_logits
+            diff = float(max((got - full).abs().max(), (clean.last_logits - full).abs().max()))
+            cause = None if diff < FAST_PATH_TOL else f"a partial forward differs from the full forward by {diff:.3g}"
+        except Exception as e:  # noqa: BLE001 - any failure is a cause, once the plain forward is known to work
+            reference_run(model, enc)  # raises when the plain forward fails too: not the shortcut's fault
+            cause = describe(e)
+    verdicts[key] = cause
+    return cause
 
 
 def check_fast_path(model, enc: Encoded) -> bool:
-    """True when ``run_from`` reproduces the full forward on ``enc`` (from a middle layer, with a prefix cache).
+    """True when ``run_from`` reproduces the full forward on ``enc`` (see ``fast_path_cause``)."""
+    return fast_path_cause(model, enc) is None
 
-    Cached on the model; a False answer makes the analyses use their generic batched full-forward path.
-    """
-    known = getattr(model, "_mhop_fast_path_ok", None)
-    if known is not None:
-        return known
-    try:
-        clean = clean_run(model, enc)
-        start = model.cfg.n_layers // 2
-        end = enc.tokens.shape[1] - 1
-        rows = torch.arange(enc.tokens.shape[0], device=enc.tokens.device)
-        got = run_from(model, clean.streams[start][:, end:], start, enc.attention_mask,
-                       prefix_cache(clean.kv, rows, end, start))[:, -1]
-        ok = bool((got - clean.last_logits).abs().max() < FAST_PATH_TOL)
-    except Exception:  # noqa: BLE001 - any failure means: use the generic path
-        ok = False
-    model._mhop_fast_path_ok = ok
-    return ok
+
+def describe(error: BaseException) -> str:
+    """One line naming an exception (type and first line of its message)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+REFERENCE_NOTE = "using the full-forward reference instead (slower, same results)"
+
+
+def warn_once(model, what: str, cause: str, instead: str = REFERENCE_NOTE) -> None:
+    """One warning per model, analysis and cause: which path turned itself off, on which architecture, why."""
+    said = getattr(model, "_mhop_fast_warned", None)
+    if not isinstance(said, set):
+        said = set()
+        model._mhop_fast_warned = said
+    if (what, cause) in said:
+        return
+    said.add((what, cause))
+    warnings.warn(f"{what} is off for this {architecture(model)} model ({cause}); {instead}.", stacklevel=3)
+
+
+def dispatch(model, enc: Encoded, what: str, fast: Callable[[], T], reference: Callable[[], T],
+             use_reference: bool = False) -> tuple[T, str]:
+    """``(fast(), "kv-partial")`` when the fast path holds for ``enc`` (``fast_path_cause``), else
+    ``(reference(), "reference")`` with one warning naming the cause. An exception in ``fast`` falls back too and
+    is recorded for this condition, unless the reference fails as well (then it propagates: a user hook or metric
+    error is not the fast path's). ``use_reference`` runs the reference without touching the fast machinery."""
+    if use_reference:
+        return reference(), "reference"
+    cause = fast_path_cause(model, enc)
+    if cause is None:
+        try:
+            return fast(), "kv-partial"
+        except Exception as e:  # noqa: BLE001 - fall back, then decide whose fault it was
+            out = reference()
+            cause = describe(e)
+            _verdicts(model, "_mhop_fast_path_ok")[condition(model, enc)] = cause
+            warn_once(model, f"{what}: the KV-reusing fast path", cause)
+            return out, "reference"
+    warn_once(model, f"{what}: the KV-reusing fast path", cause)
+    return reference(), "reference"

@@ -17,7 +17,6 @@ corrupted run's keys/values of the prefix. Reference (``patching_reference``): o
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,16 +30,18 @@ from mhop_lens import hooks
 from mhop_lens.analyses.partial_forward import (
     CleanRun,
     cache_of,
-    check_fast_path,
     clean_run,
+    dispatch,
     kept_block_args,
+    kv_layers,
     prefix_cache,
+    reference_run,
     run_from,
 )
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import last_logits
-from mhop_lens.tokens import encode, first_token_ids
+from mhop_lens.tokens import Encoded, encode, first_token_ids
 
 Metric = Callable[[Float[Tensor, "n vocab"], Int[Tensor, " n"], Int[Tensor, " n"]], Float[Tensor, " n"]]
 SITES = ("resid_pre", "z", "q", "k", "v", "pattern")
@@ -107,28 +108,41 @@ def counterfactual_pairs(queries: Sequence[TwoHopQuery], seed: int = 0) -> list[
     return out
 
 
-def prepare(model, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str], sites: str
+def prepare(model, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str], sites: str, fast: bool = True
             ) -> tuple[CleanRun, CleanRun]:
-    """Cached clean and corrupted runs, encoded together so positions align; pairs must have equal lengths."""
-    sites, n = OLD_SITES.get(sites, sites), len(clean_prompts)
+    """Cached clean and corrupted runs, encoded together so positions align; pairs must have equal lengths.
+    ``fast=False``: plain forwards without any KV cache (``partial_forward.reference_run``)."""
+    return prepared(model, encode_pairs(model, clean_prompts, corrupt_prompts), sites, fast)
+
+
+def encode_pairs(model, clean_prompts: Sequence[str], corrupt_prompts: Sequence[str]) -> Encoded:
+    """Clean then corrupted prompts in one padded batch; raises when a pair's token counts differ."""
+    n = len(clean_prompts)
     enc = encode(model, list(clean_prompts) + list(corrupt_prompts))
     if not torch.equal(enc.lengths[:n], enc.lengths[n:]):
         bad = int((enc.lengths[:n] != enc.lengths[n:]).nonzero()[0])
         raise MhopLensError(f"pair {bad}: the clean and corrupted prompts have different token counts "
                             f"({clean_prompts[bad]!r} vs {corrupt_prompts[bad]!r}); activation patching by "
                             "position needs aligned prompts (same template, entities of the same token length).")
+    return enc
+
+
+def prepared(model, enc: Encoded, sites: str, fast: bool = True) -> tuple[CleanRun, CleanRun]:
+    """``prepare`` of an ``encode_pairs`` batch."""
+    n, sites = enc.tokens.shape[0] // 2, OLD_SITES.get(sites, sites)
     names = [hooks.head(layer, sites) for layer in range(model.cfg.n_layers)] if sites in HEAD_SITES else []
-    both = clean_run(model, enc, names)
+    both = clean_run(model, enc, names) if fast else reference_run(model, enc, names)
     split = []
     for part in (torch.arange(n), torch.arange(n, 2 * n)):
         dev = part.to(both.streams.device)
-        split.append(CleanRun(enc.select(part), both.streams[:, dev], _kv_rows(both.kv, dev), both.last_logits[dev],
+        kv = None if both.kv is None else _kv_rows(both.kv, dev)
+        split.append(CleanRun(enc.select(part), both.streams[:, dev], kv, both.last_logits[dev],
                               {k: v[dev] for k, v in both.acts.items()}))
     return split[0], split[1]
 
 
 def _kv_rows(kv, rows):
-    return cache_of([(entry.keys[rows], entry.values[rows]) for entry in kv.layers])
+    return cache_of([(k[rows], v[rows]) for k, v in kv_layers(kv)])
 
 
 def _head_hook(clean: Tensor, heads: Tensor, site: str = "z"):
@@ -324,7 +338,9 @@ def run_activation_patching(
     ``clean`` / ``corrupted`` are queries (answers: first token of each e3) or prompts with ``answers`` =
     (clean answers, corrupted answers). Columns: pair, qid, corrupt_qid, site, layer, position|head, metric,
     clean_metric, corrupt_metric, recovered ((metric - corrupt) / (clean - corrupt)). ``frame.attrs["path"]``
-    says whether the fast path or the reference ran.
+    says whether the fast path or the reference ran (``partial_forward.dispatch``: the fast path where it is exact
+    for this model and batch condition, else the reference with one warning; ``reference=True`` never enters the
+    fast machinery).
     """
     sites = site_name(sites)
     if len(clean) != len(corrupted):
@@ -345,13 +361,14 @@ def run_activation_patching(
     frames, path = [], "reference"
     for a in tqdm(range(0, len(prompts[0]), batch_size), desc=f"patch {sites}", unit="batch", disable=not progress):
         part = slice(a, a + batch_size)
-        c, x = prepare(model, prompts[0][part], prompts[1][part], sites)
-        fast = not reference and check_fast_path(model, c.enc)
-        path = "kv-partial" if fast else "reference"
-        if not fast and not reference:
-            warnings.warn("activation patching: the KV-reusing fast path does not reproduce this model's forward; "
-                          "using the batched full-forward reference instead (slower, same results).", stacklevel=2)
-        logits = (patch_logits if fast else patching_reference)(model, c, x, sites, layers)
+        enc = encode_pairs(model, prompts[0][part], prompts[1][part])
+
+        def compute(fast: bool, enc=enc):
+            c, x = prepared(model, enc, sites, fast)
+            return c, x, (patch_logits if fast else patching_reference)(model, c, x, sites, layers)
+
+        (c, x, logits), path = dispatch(model, enc, "activation patching", lambda: compute(True),
+                                        lambda: compute(False), use_reference=reference)
         g, b = good_ids[part], bad_ids[part]
         clean_m, corrupt_m = metric(c.last_logits, g, b).cpu(), metric(x.last_logits, g, b).cpu()
         index = "position" if sites == "resid_pre" else "head"

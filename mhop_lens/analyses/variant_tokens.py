@@ -7,8 +7,9 @@ each attends to the prefix and to itself only (the block-diagonal part of the 4D
 of the last token (position ids / rotary embeddings of that one position), so the prefix is held once per row.
 
 The block arguments are the model's own (captured like ``run_from``'s) with only those two changes;
-``check_variant_path`` compares the result with ``run_from`` once per model and callers fall back when it differs
-(an architecture whose blocks ignore the 4D mask, or take positions in a form this does not recognise).
+``variant_path_cause`` compares the result with ``run_from`` once per model and condition, and callers fall back
+(with one warning naming the cause) when it differs: an architecture whose blocks ignore the 4D mask, or take
+positions or a position bias (ALiBi) in a form this does not recognise.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import Cache, DynamicCache
+from transformers import DynamicCache
 
+from mhop_lens.analyses.hf_compat import cache_of, is_cache, kv_layers, seq_length
 from mhop_lens.analyses.partial_forward import (
     FAST_PATH_TOL,
     BlockArgs,
+    _verdicts,
     block_call,
-    cache_of,
+    describe,
     kept_block_args,
     run_blocks,
     run_from,
@@ -36,7 +39,7 @@ class Unsupported(Exception):
 
 def _fold(one, many, k: int, prefix: int):
     """The argument for k variant tokens from the captures for 1 and for k new tokens (see the module doc)."""
-    if isinstance(many, Cache) or many is None or isinstance(many, bool | int | float | str):
+    if is_cache(many) or many is None or isinstance(many, bool | int | float | str):
         return many
     if isinstance(many, tuple | list):
         return type(many)(_fold(a, b, k, prefix) for a, b in zip(one, many, strict=True))
@@ -59,7 +62,7 @@ def _fold(one, many, k: int, prefix: int):
 def variant_args(model, k: int, attention_mask: Int[Tensor, "n pos"], cache: DynamicCache) -> tuple[list, dict]:
     """Block arguments for k variant tokens after ``cache`` (``attention_mask`` covers prefix + the last token),
     in ``partial_forward.stored`` form."""
-    prefix = cache.get_seq_length()
+    prefix = seq_length(cache)
     one_args, one_kwargs = block_call(model, 1, attention_mask, cache)  # stops before block 0: cache untouched
     wide = torch.cat([attention_mask, attention_mask[:, -1:].expand(-1, k - 1)], dim=1)
     many_args, many_kwargs = block_call(model, k, wide, cache)
@@ -85,22 +88,33 @@ def run_variants(
     return run_blocks(model, variants, start, args, kwargs)
 
 
-def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int,
-                       attention_mask: Int[Tensor, "n pos"], cache: DynamicCache) -> bool:
-    """True when ``run_variants`` equals one ``run_from`` row per variant on these inputs (cached on the model)."""
-    known = getattr(model, "_mhop_variant_path_ok", None)
-    if known is not None:
-        return known
+def variant_path_cause(model, variants: Float[Tensor, "n k d_model"], start: int,
+                       attention_mask: Int[Tensor, "n pos"], cache: DynamicCache) -> str | None:
+    """None when ``run_variants`` equals one ``run_from`` row per variant on these inputs, else why not.
+
+    Kept on the model per condition (k, prefix length, padding, dtype, device); any exception is a cause."""
+    verdicts = _verdicts(model, "_mhop_variant_path_ok")
     n, k = variants.shape[:2]
+    key = (k, seq_length(cache), bool((attention_mask == 0).any()), str(variants.dtype), str(variants.device))
+    if key in verdicts:
+        return verdicts[key]
     try:
-        got = run_variants(model, variants, start, attention_mask, cache_of([(e.keys, e.values) for e in cache.layers]),
+        layers = kv_layers(cache)
+        got = run_variants(model, variants, start, attention_mask, cache_of(layers),
                            BlockArgs(model, variant_args))  # a fresh capture: the check must not trust kept ones
         rows = torch.arange(n, device=variants.device).repeat(k)
-        tiled = [(e.keys.index_select(0, rows), e.values.index_select(0, rows)) for e in cache.layers]
+        tiled = [(key_.index_select(0, rows), value.index_select(0, rows)) for key_, value in layers]
         want = run_from(model, variants.transpose(0, 1).reshape(n * k, 1, -1), start, attention_mask[rows],
                         cache_of(tiled))[:, -1].view(k, n, -1).transpose(0, 1)
-        ok = bool((got - want).abs().max() < FAST_PATH_TOL)
-    except Exception:  # noqa: BLE001 - Unsupported or any failure means: use one row per variant
-        ok = False
-    model._mhop_variant_path_ok = ok
-    return ok
+        diff = float((got - want).abs().max())
+        cause = None if diff < FAST_PATH_TOL else f"variant tokens differ from one row per variant by {diff:.3g}"
+    except Exception as e:  # noqa: BLE001 - Unsupported or any failure means: use one row per variant
+        cause = describe(e)
+    verdicts[key] = cause
+    return cause
+
+
+def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int,
+                       attention_mask: Int[Tensor, "n pos"], cache: DynamicCache) -> bool:
+    """True when ``run_variants`` equals one ``run_from`` row per variant on these inputs (``variant_path_cause``)."""
+    return variant_path_cause(model, variants, start, attention_mask, cache) is None
