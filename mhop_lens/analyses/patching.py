@@ -17,6 +17,7 @@ corrupted run's keys/values of the prefix. Reference (``patching_reference``): o
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
