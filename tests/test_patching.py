@@ -175,3 +175,25 @@ def test_old_site_names_warn_and_agree(tiny_models):
     assert set(old["site"]) == {"z"} and (old["metric"] - new["metric"]).abs().max() < 1e-6
     with pytest.raises(ap.MhopLensError, match="sites must be one of"):
         ap.run_activation_patching(model, clean, corrupt, "resid_prex", answers=answers, progress=False)
+
+
+def test_one_metric_form_and_the_old_one(tiny_models):
+    """Patching takes ``metric(last_logits, rows)`` like attribution and heads; the old three-argument form gives the
+    same table with a deprecation warning; a custom metric sees the rows of the pairs it scores."""
+    from mhop_lens.analyses.metrics import clean_vs_corrupt_answer
+
+    model = tiny_models["gpt2"]
+    clean, corrupt = _aligned(model)
+    answers = (ANSWERS[0][: len(clean)], ANSWERS[1][: len(clean)])
+    default = ap.run_activation_patching(model, clean, corrupt, "z", answers=answers, progress=False)
+    shared = ap.run_activation_patching(model, clean, corrupt, "z", answers=answers, progress=False,
+                                        metric=clean_vs_corrupt_answer(model, *answers))
+    with pytest.warns(DeprecationWarning, match="last_logits, rows"):
+        old = ap.run_activation_patching(model, clean, corrupt, "z", answers=answers, progress=False,
+                                         metric=ap.logit_diff)
+    assert (default["metric"] - shared["metric"]).abs().max() < 1e-6
+    assert (default["metric"] - old["metric"]).abs().max() < 1e-6
+    seen = []
+    ap.run_activation_patching(model, clean, corrupt, "z", answers=answers, progress=False, batch_size=1,
+                               metric=lambda logits, rows: seen.append(rows.tolist()) or logits[:, 0])
+    assert {r for call in seen for r in call} == set(range(len(clean)))

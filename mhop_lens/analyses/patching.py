@@ -16,6 +16,7 @@ corrupted run's keys/values of the prefix. Reference (``patching_reference``): o
 
 from __future__ import annotations
 
+import inspect
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mhop_lens import hooks
+from mhop_lens.analyses.metrics import LogitDiff, Metric
 from mhop_lens.analyses.partial_forward import (
     CleanRun,
     cache_of,
@@ -44,7 +46,8 @@ from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import last_logits
 from mhop_lens.tokens import Encoded, encode, first_token_ids
 
-Metric = Callable[[Float[Tensor, "n vocab"], Int[Tensor, " n"], Int[Tensor, " n"]], Float[Tensor, " n"]]
+#: The metric form of earlier releases, ``metric(logits, clean_ids, corrupt_ids)``; still accepted, deprecated.
+OldMetric = Callable[[Float[Tensor, "n vocab"], Int[Tensor, " n"], Int[Tensor, " n"]], Float[Tensor, " n"]]
 SITES = ("resid_pre", "z", "q", "k", "v", "pattern")
 HEAD_SITES = ("z", "q", "k", "v", "pattern")
 #: Names of earlier releases -> TransformerLens act names.
@@ -88,7 +91,8 @@ def site_acts(run: CleanRun, site: str, layer: int) -> Float[Tensor, "batch pos 
 
 def logit_diff(logits: Float[Tensor, "n vocab"], clean_ids: Int[Tensor, " n"], corrupt_ids: Int[Tensor, " n"]
                ) -> Float[Tensor, " n"]:
-    """Logit of the clean answer minus logit of the corrupted answer."""
+    """Logit of the clean answer minus logit of the corrupted answer (the ``OldMetric`` form; the default metric
+    is now ``metrics.LogitDiff`` of the same ids)."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, clean_ids.to(logits.device)] - logits[rows, corrupt_ids.to(logits.device)]
 
@@ -320,12 +324,28 @@ def patching_reference(model, clean: CleanRun, corrupt: CleanRun, sites: str, la
 
 
 # the sweep ----------------------------------------------------------------------------------------------------
+def _as_metric(metric, good_ids: Int[Tensor, " n"], bad_ids: Int[Tensor, " n"]) -> Metric:
+    """``metric`` in the ``metrics.Metric`` form (None: the clean-vs-corrupted answer logit difference)."""
+    if metric is None:
+        return LogitDiff(good_ids[:, None], bad_ids[:, None])
+    try:
+        old = len(inspect.signature(metric).parameters) == 3
+    except (TypeError, ValueError):
+        old = False
+    if not old:
+        return metric
+    warnings.warn("metric(logits, clean_ids, corrupt_ids) is deprecated: pass metric(last_logits, rows) "
+                  "(mhop_lens.analyses.metrics.Metric), the form attribution and heads take.", DeprecationWarning,
+                  stacklevel=3)
+    return lambda logits, rows: metric(logits, good_ids[rows.cpu()], bad_ids[rows.cpu()])
+
+
 def run_activation_patching(
     model,
     clean: Sequence[TwoHopQuery] | Sequence[str],
     corrupted: Sequence[TwoHopQuery] | Sequence[str],
     sites: str = "resid_pre",
-    metric: Metric = logit_diff,
+    metric: Metric | None = None,
     answers: tuple[Sequence[str], Sequence[str]] | None = None,
     layers: Sequence[int] | None = None,
     batch_size: int = 32,
@@ -335,7 +355,11 @@ def run_activation_patching(
     """One row per (pair, layer, position) or (pair, layer, head) with the patched metric.
 
     ``sites``: ``resid_pre`` (by position) or a head site ``z`` / ``q`` / ``k`` / ``v`` / ``pattern`` (see the
-    module doc; ``k`` / ``v`` index key/value heads on grouped-query models).
+    module doc; ``k`` / ``v`` index key/value heads on grouped-query models). ``metric``: the one metric form of
+    patching, attribution and heads, ``metric(last_logits, rows)`` (``metrics.Metric``: logits at each row's last
+    token and the rows' indices among the pairs, one value per row); default ``metrics.LogitDiff`` of the clean
+    answer against the corrupted answer. A three-argument ``metric(logits, clean_ids, corrupt_ids)`` (the old
+    form) still works, with a deprecation warning.
     ``clean`` / ``corrupted`` are queries (answers: first token of each e3) or prompts with ``answers`` =
     (clean answers, corrupted answers). Columns: pair, qid, corrupt_qid, site, layer, position|head, metric,
     clean_metric, corrupt_metric, recovered ((metric - corrupt) / (clean - corrupt)). ``frame.attrs["path"]``
@@ -358,6 +382,7 @@ def run_activation_patching(
         ids = ([str(i) for i in range(len(clean))], [str(i) for i in range(len(clean))])
     good_ids = first_token_ids(model, texts[0])
     bad_ids = first_token_ids(model, texts[1])
+    metric = _as_metric(metric, good_ids, bad_ids)
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     frames, path = [], "reference"
     for a in tqdm(range(0, len(prompts[0]), batch_size), desc=f"patch {sites}", unit="batch", disable=not progress):
@@ -370,11 +395,12 @@ def run_activation_patching(
 
         (c, x, logits), path = dispatch(model, enc, "activation patching", lambda: compute(True),
                                         lambda: compute(False), use_reference=reference)
-        g, b = good_ids[part], bad_ids[part]
-        clean_m, corrupt_m = metric(c.last_logits, g, b).cpu(), metric(x.last_logits, g, b).cpu()
+        g = good_ids[part]
+        rows = torch.arange(a, a + len(g))
+        clean_m, corrupt_m = metric(c.last_logits, rows).cpu(), metric(x.last_logits, rows).cpu()
         index = "position" if sites == "resid_pre" else "head"
         keys, n = list(logits), len(g)
-        value = metric(torch.cat(list(logits.values())), g.repeat(len(keys)), b.repeat(len(keys))).cpu()
+        value = metric(torch.cat(list(logits.values())), rows.repeat(len(keys))).cpu()
         frames.append(pd.DataFrame({
             "pair": np.tile(np.arange(a, a + n), len(keys)), "qid": ids[0][part] * len(keys),
             "corrupt_qid": ids[1][part] * len(keys), "site": sites,
