@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 
+from mhop_lens.cli.options import POSITIVE, check_device_option
 from mhop_lens.errors import MhopLensError
 
 
@@ -20,16 +21,17 @@ def run_options(f: Callable) -> Callable:
                           "path."),
         click.option("--out", "out", required=True, type=click.Path(file_okay=False),
                      help="Run directory (config.json, log.txt, parquet tables)."),
-        click.option("--limit", type=int, default=None, help="Use only the first N queries."),
+        click.option("--limit", type=POSITIVE, default=None, help="Use only the first N queries."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished queries."),
         click.option("--shard", default=None, metavar="I/N",
                      help="Process shard I of N (disjoint query subsets; combine with `mhop-lens merge`)."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        click.option("--batch-size", type=POSITIVE, default=32, show_default=True),
+        click.option("--device", default=None, callback=check_device_option,
+                     help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--device-map", default=None,
                      help="Passed to the HF loader for models larger than one GPU, e.g. 'auto'."),
-        click.option("--threads", type=int, default=None,
+        click.option("--threads", type=POSITIVE, default=None,
                      help="CPU threads for torch (default: 1 for models under 100M parameters on CPU, where thread "
                           "synchronisation costs more than it saves, especially on a shared machine)."),
         click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
