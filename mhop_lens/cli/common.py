@@ -90,6 +90,7 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
     """
     from mhop_lens.data import load_queries
     from mhop_lens.data.issues import describe
+    from mhop_lens.data.vocab import check_vocabulary
     from mhop_lens.models import load_model, resolve
     from mhop_lens.runs import RunStore, parse_shard
 
@@ -98,13 +99,14 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
     parse_shard(kw["shard"])
     resolve(kw["model"])  # a bad --data, --shard or --model fails before the run directory is created
     store = RunStore(kw["out"], verb, kw, kw["resume"])
+    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
+    queries = check_vocabulary(model, queries, kw["on_error"], source=kw["data"])  # docs/data.md, "Unknown words"
     if queries.issues:
         message = f"skipped {describe(queries.issues)}"
         click.echo(message, err=True)
         store.log(message)
         for issue in queries.issues:
             store.log(f"skipped {issue}")
-    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
     store.log(f"torch threads: {set_threads(model, kw['threads'])}")
     store.log(f"{len(queries)} queries from {kw['data']!r}; model {kw['model']!r} ({model.cfg.n_layers} layers)")
     return store, model, queries

@@ -53,9 +53,10 @@ def check_generation_fits(model, prompts: Sequence[str], max_new_tokens: int) ->
                             f"fit; {fix}.")
 
 
-def smallest_prefix(items: Sequence, works: Callable[[Sequence], Any]) -> int | None:
+def smallest_prefix(items: Sequence, works: Callable[[Sequence], Any], fails_at: int = 0) -> int | None:
     """Smallest n with ``works(items[:n])`` not raising ``MhopLensError`` (monotone in n: more rows, more pairs);
-    None when even all items fail. Binary search: log2(len(items)) calls."""
+    None when even all items fail. ``fails_at``: a prefix length known to fail. Galloping then binary search, so
+    the cost is set by the answer, not by the size of the data."""
     def ok(n: int) -> bool:
         try:
             works(items[:n])
@@ -63,16 +64,16 @@ def smallest_prefix(items: Sequence, works: Callable[[Sequence], Any]) -> int | 
             return False
         return True
 
-    if not items or not ok(len(items)):
-        return None
-    lo, hi = 1, len(items)
-    while lo < hi:
+    lo, hi = fails_at, max(2 * fails_at, 1)  # invariant: items[:lo] fails
+    while not ok(min(hi, len(items))):
+        if hi >= len(items):
+            return None
+        lo, hi = hi, 2 * hi
+    hi = min(hi, len(items))
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 def limit_too_small(error: MhopLensError, limit: int | None, data: str, missing: str,
@@ -86,7 +87,7 @@ def limit_too_small(error: MhopLensError, limit: int | None, data: str, missing:
     if limit is None:
         return error
     items = load_all()
-    need = smallest_prefix(items, works)
+    need = smallest_prefix(items, works, fails_at=min(limit, len(items)))
     if need is None:
         return MhopLensError(f"{error} (all {len(items)} rows of --data {data!r} were checked, not only the first "
                              f"--limit {limit}).")
