@@ -196,22 +196,20 @@ def load_model(
         raise ModelLoadError(f"could not load {target!r}: {str(e).splitlines()[0]} Is it a causal LM "
                              "directory saved with save_pretrained?") from e
     except Exception as e:
-        if not _is_weights_error(e):
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError):
+            raise ModelLoadError(f"could not load the weights of {target!r}: its pickle weights file holds objects "
+                                 "other than tensors, which are never unpickled here (they could run code). Re-save "
+                                 "the model from a trusted copy with save_pretrained (safetensors).") from e
+        if type(e).__name__ != "SafetensorError":
             raise
-        raise ModelLoadError(f"could not load the weights of {target!r} ({type(e).__name__}: "
+        raise ModelLoadError(f"could not load the weights of {target!r} (SafetensorError: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); the file is "
-                             "truncated, corrupt or not plain tensors. Re-download the model, or re-save it with "
-                             "save_pretrained (safetensors).") from e
+                             "truncated or corrupt. Re-download the model, or re-save it with save_pretrained.") from e
     bridge.enable_compatibility_mode()
     bridge.eval()
     bridge.mhop_name = str(name_or_path)
     bridge.mhop_load_seconds = time.perf_counter() - start
     return bridge
 
-
-def _is_weights_error(e: Exception) -> bool:
-    """A safetensors or pickle failure while reading weights (types checked by name: no import needed)."""
-    import pickle
-
-    return isinstance(e, pickle.UnpicklingError) or type(e).__name__ in ("SafetensorError", "HeaderTooLarge",
-                                                                        "MetadataIncompleteBuffer")

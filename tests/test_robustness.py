@@ -33,7 +33,7 @@ def test_library_error_names_the_fix(case, env):
 def test_cli_error_is_one_clean_line(case, env):
     verb, argv = case.cli(env)
     result = CliRunner().invoke(main, [*verb.split(), *argv])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == case.exit_code, result.output
     assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit), result.exception
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
