@@ -230,3 +230,20 @@ def test_demo_exits_nonzero_after_writing_the_rest(tiny_dirs, tmp_path, monkeypa
     assert not (out / "knockout.parquet").exists() and (out / "figures" / "lens_last.html").is_file()
     report = (out / "report.md").read_text().splitlines()
     assert report[2].startswith("> **FAILED: 1 step(s)**") and "attention knockout: RuntimeError" in report[4]
+
+
+@pytest.mark.parametrize("argv", [
+    ["lens", "--data", "FIXTURE", "--limit", "2"],
+    ["patch", "--limit", "20"],
+    ["attribute", "--data", "organism-gar", "--limit", "20"],
+    ["gar", "evaluate", "--data", "EMPTY"],
+], ids=["unknown words", "patch limit", "attribute limit", "empty GAR file"])
+def test_refused_data_leaves_no_run_directory(env, argv):
+    """Data refused after the model is loaded (unknown words, too few rows for a pair) still writes nothing."""
+    from mhop_lens.data import FIXTURE_CSV
+
+    (env.tmp / "empty.jsonl").write_text("")
+    argv = [{"FIXTURE": str(FIXTURE_CSV), "EMPTY": str(env.tmp / "empty.jsonl")}.get(a, a) for a in argv]
+    out = env.tmp / "out"
+    res = CliRunner().invoke(main, [*argv, "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 1 and "Error: " in res.output and not out.exists(), res.output

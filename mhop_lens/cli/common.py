@@ -83,7 +83,8 @@ def set_threads(model, threads: int | None) -> int:
 
 
 def setup_sweep(verb: str, kw: dict, shard: bool = True):
-    """Queries, run store and model of a sweep verb, in the order that fails before ``--out`` is created.
+    """Queries, run store and model of a sweep verb, in the order that fails before ``--out`` is created (the model
+    is loaded first so that queries with words outside its vocabulary are refused before anything is written).
 
     ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
     ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
@@ -98,9 +99,9 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
                            on_error=kw["on_error"])
     parse_shard(kw["shard"])
     resolve(kw["model"])  # a bad --data, --shard or --model fails before the run directory is created
-    store = RunStore(kw["out"], verb, kw, kw["resume"])
     model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
     queries = check_vocabulary(model, queries, kw["on_error"], source=kw["data"])  # docs/data.md, "Unknown words"
+    store = RunStore(kw["out"], verb, kw, kw["resume"])
     if queries.issues:
         message = f"skipped {describe(queries.issues)}"
         click.echo(message, err=True)

@@ -115,8 +115,8 @@ def evaluate(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
+    examples = load_examples(kw["data"], kw["limit"])  # bad data fails before --out is written
     store = RunStore(kw["out"], "gar evaluate", kw)
-    examples = load_examples(kw["data"], kw["limit"])
     model = load_model(kw["model"], device=kw["device"])
     frame = run_eval(model, examples, kw["restrict"], kw["scorer"], not kw["no_subquestions"], kw["batch_size"],
                      progress=True)

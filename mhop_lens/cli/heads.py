@@ -100,9 +100,9 @@ def attribute(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
-    store = RunStore(kw["out"], "attribute", kw)
     model = load_model(kw["model"], device=kw["device"])
-    clean, corrupt, metric, spans, ids, dropped = _pairs(kw, model)
+    clean, corrupt, metric, spans, ids, dropped = _pairs(kw, model)  # fails before --out is written
+    store = RunStore(kw["out"], "attribute", kw)
     store.log(f"{len(clean)} pairs ({dropped} dropped: clean/corrupted token counts differ)")
     sites = _csv(kw["sites"])
     frame = run_atp(model, clean, corrupt, metric, sites=sites, per_position=spans if kw["per_span"] else False,
@@ -154,10 +154,10 @@ def find(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
-    store = RunStore(kw["out"], "heads find", kw)
-    model = load_model(kw["model"], device=kw["device"])
     examples = load_examples(kw["data"], kw["limit"])
-    _counter_pairs(model, examples, kw)
+    model = load_model(kw["model"], device=kw["device"])
+    _counter_pairs(model, examples, kw)  # bad data or a too-small --limit fails before --out is written
+    store = RunStore(kw["out"], "heads find", kw)
     scores, top = find_heads(model, examples, kw["k"], exact=not kw["no_exact"], batch_size=kw["batch_size"],
                              group_by=None if kw["group_by"] == "none" else kw["group_by"], ig_steps=kw["ig_steps"])
     store.write("head_scores", scores)
@@ -206,9 +206,9 @@ def intervene(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
+    examples = load_examples(kw["data"], kw["limit"])  # bad data fails before --out is written
     store = RunStore(kw["out"], "heads intervene", kw)
     model = load_model(kw["model"], device=kw["device"])
-    examples = load_examples(kw["data"], kw["limit"])
     frame = run_intervene(model, examples, parse_heads(kw["head_spec"]), kw["kind"], kw["factor"], kw["attend_role"],
                           kw["n_random"], kw["seed"], kw["restrict"], batch_size=kw["batch_size"])
     store.write("interventions", frame)
