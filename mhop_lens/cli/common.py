@@ -82,12 +82,13 @@ def set_threads(model, threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def setup_sweep(verb: str, kw: dict, shard: bool = True):
+def setup_sweep(verb: str, kw: dict, shard: bool = True, check: Callable | None = None):
     """Queries, run store and model of a sweep verb, in the order that fails before ``--out`` is created (the model
     is loaded first so that queries with words outside its vocabulary are refused before anything is written).
 
     ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
     ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
+    ``check(queries)``: the verb's own validation of the data, run before the run store is created.
     """
     from mhop_lens.data import load_queries
     from mhop_lens.data.issues import describe
@@ -101,6 +102,8 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
     resolve(kw["model"])  # a bad --data, --shard or --model fails before the run directory is created
     model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
     queries = check_vocabulary(model, queries, kw["on_error"], source=kw["data"])  # docs/data.md, "Unknown words"
+    if check is not None:
+        check(queries)
     store = RunStore(kw["out"], verb, kw, kw["resume"])
     if queries.issues:
         message = f"skipped {describe(queries.issues)}"

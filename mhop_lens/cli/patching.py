@@ -77,14 +77,17 @@ def patch(**kw) -> None:
     from mhop_lens.analyses.patching import counterfactual_pairs, run_activation_patching
     from mhop_lens.data import load_queries
 
-    store, model, queries = setup_sweep("patch", kw, shard=False)
-    try:
-        pairs = _shard(counterfactual_pairs(queries, kw["seed"]), kw)
-    except MhopLensError as e:
-        raise limit_too_small(e, kw["limit"], kw["data"], "no counterfactual pair (two queries with the same r1 "
-                              "and r2 but different e1 and e3)",
-                              lambda: load_queries(kw["data"], on_error=kw["on_error"]),
-                              lambda qs: counterfactual_pairs(qs, kw["seed"])) from None
+    def check(queries) -> None:
+        try:
+            counterfactual_pairs(queries, kw["seed"])
+        except MhopLensError as e:
+            raise limit_too_small(e, kw["limit"], kw["data"], "no counterfactual pair (two queries with the same "
+                                  "r1 and r2 but different e1 and e3)",
+                                  lambda: load_queries(kw["data"], on_error=kw["on_error"]),
+                                  lambda qs: counterfactual_pairs(qs, kw["seed"])) from None
+
+    store, model, queries = setup_sweep("patch", kw, shard=False, check=check)
+    pairs = _shard(counterfactual_pairs(queries, kw["seed"]), kw)
     store.log(f"{len(pairs)} clean/corrupted pairs")
 
     def compute(chunk):
