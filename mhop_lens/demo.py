@@ -180,10 +180,12 @@ def _mark_failures(result: DemoResult) -> None:
 # steps ----------------------------------------------------------------------------------------------------------
 def _evaluate(store: RunStore, state: dict, data: str, size: DemoSize, progress: bool) -> str:
     from mhop_lens.data import load_queries
+    from mhop_lens.data.vocab import check_vocabulary
     from mhop_lens.evaluate import evaluate, summarize
 
     specs = [f"organism:{split}" for split in ("heldout", "train")] if data == "organism" else [data]
     queries = [q for spec in specs for q in load_queries(spec, limit=size.n_eval)]
+    queries = check_vocabulary(state["model"], queries, source=data)  # one unknown-word policy (docs/data.md)
     frame = evaluate(state["model"], queries, progress=progress)
     store.write("evaluation", frame, sort_by=["qid"])
     store.write_json("summary.json", summarize(frame))

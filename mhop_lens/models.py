@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -104,7 +105,8 @@ HUB_PROBE_SECONDS = 1.5
 
 @functools.cache
 def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """Whether one TCP connection to the hub endpoint (DNS included) opens within ``timeout`` (once per process).
+    """Whether one TCP connection to the hub endpoint (or the HTTPS proxy, when one is set) opens within
+    ``timeout``, DNS included; asked once per process.
 
     False when HF_HUB_OFFLINE is set. Checked before a hub name is loaded, so that an offline machine gets its
     error in about ``timeout`` seconds instead of huggingface_hub's retries with back-off.
@@ -114,6 +116,9 @@ def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_SECOND
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     url = urlparse(endpoint or constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # behind a proxy, the proxy must answer
     address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
     ok: list[bool] = []
 
