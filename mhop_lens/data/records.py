@@ -104,8 +104,8 @@ def build_query(
                             "would match; remove it (an empty list means no aliases).")
     for (a, x), (b, y) in ((("e1", e1), ("e2", e2)), (("e2", e2), ("e3", e3))):
         if x.strip() == y.strip():
-            raise DataError(f"query {id}: {a} and {b} are both {x!r}, so a decoded {b} can never be told apart "
-                            f"from {a} (every {b} verdict would be reported as {a}); drop or fix this row.")
+            raise DataError(f"query {id}: {a} and {b} are both {x!r}, so a decoded answer can never be told "
+                            f"apart as {a} or {b} (one of them would never be reported); drop or fix this row.")
     _phrase(r1_template), _phrase(r2_template)
     composed = r2_template.format(r1_template.format(e1))
     prompt = prompt if prompt is not None else composed + suffix
