@@ -160,17 +160,32 @@ def run_demo(out: str | os.PathLike = "runs/demo", model: str = "organism", size
     step("figures", lambda: _figures(store, result, formats))
     result.seconds = time.perf_counter() - start
     write_report(result, store)
+    _mark_failures(result)
     store.log(f"demo finished in {result.seconds:.1f}s")
     return result
+
+
+def _mark_failures(result: DemoResult) -> None:
+    """Put the failed steps at the top of report.md, under its title (the Steps table at the end has the rest)."""
+    failed = [s for s in result.steps if s.status == "failed"]
+    if not failed:
+        return
+    title, _, rest = result.report.read_text().partition("\n")
+    lines = [f"> **FAILED: {len(failed)} step(s)** -- their tables and figures are missing from this report; "
+             "the traceback is in log.txt.", ">"]
+    lines += [f"> - {s.name}: {s.note}" for s in failed]
+    result.report.write_text("\n".join([title, "", *lines, rest]))
 
 
 # steps ----------------------------------------------------------------------------------------------------------
 def _evaluate(store: RunStore, state: dict, data: str, size: DemoSize, progress: bool) -> str:
     from mhop_lens.data import load_queries
+    from mhop_lens.data.vocab import check_vocabulary
     from mhop_lens.evaluate import evaluate, summarize
 
     specs = [f"organism:{split}" for split in ("heldout", "train")] if data == "organism" else [data]
     queries = [q for spec in specs for q in load_queries(spec, limit=size.n_eval)]
+    queries = check_vocabulary(state["model"], queries, source=data)  # one unknown-word policy (docs/data.md)
     frame = evaluate(state["model"], queries, progress=progress)
     store.write("evaluation", frame, sort_by=["qid"])
     store.write_json("summary.json", summarize(frame))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from mhop_lens.data import (
     FIXTURE_CSV,
+    build_query,
     from_knowledge_graph,
     from_triples,
     load_queries,
@@ -84,13 +88,17 @@ def _break(rows, kind):
         row[col("r1_template")] = "the director of"
     elif kind == "duplicate id":
         row[col("id")] = "3"
+    elif kind == "empty alias":
+        row[col("e2_aliases")] = "['Nolan', '']"
+    elif kind == "e2 is e3":
+        row[col("e3_label")] = row[col("e2_label")]
     return rows
 
 
 KINDS = {"missing value": "missing value in column e2_label", "missing field": "fields but the header has",
          "alias list": "e3_aliases is not a Python list", "alias type": "e1_aliases must be a list of strings",
          "e1 not in prompt": "does not contain the composed phrase", "template": "exactly one '{}'",
-         "duplicate id": "duplicate id"}
+         "duplicate id": "duplicate id", "empty alias": "holds an empty alias", "e2 is e3": "e2 and e3 are both"}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -222,3 +230,57 @@ def test_load_organism_spec():
     else:
         with pytest.raises(DataError, match="organism train"):
             load_queries("organism")
+
+
+def test_spans_are_unicode_safe():
+    """Characters whose lower case is longer ("İ" -> "i̇") before or inside the phrase do not shift the spans."""
+    for prompt in ("İİ İstanbul: the spouse of the performer of Imagine is",
+                   "THE SPOUSE OF THE PERFORMER OF İMAGİNE is"):
+        e1 = "İmagİne" if "İMAGİNE" in prompt else "Imagine"
+        q = build_query("q", e1, "performer", "John Lennon", "spouse", "Yoko Ono", "the performer of {}",
+                        "the spouse of {}", prompt=prompt)
+        texts = {k: q.prompt[a:b] for k, (a, b) in q.spans.items()}
+        assert {k: v.lower() for k, v in texts.items()} == {
+            "e1": e1.lower(), "r1": "the performer of", "r2": "the spouse of"}, texts
+
+
+def test_e1_equal_to_e3_stays_a_query():
+    """Cycles (the spouse of the spouse of X is X) are real queries; only e2 == e1 or e2 == e3 is refused."""
+    q = build_query("q", "Ann", "spouse", "Bob", "spouse", "Ann", "the spouse of {}", "the spouse of {}")
+    assert q.e1 == q.e3
+    with pytest.raises(DataError, match="e1 and e2 are both 'Ann'"):
+        build_query("q", "Ann", "spouse", "Ann", "spouse", "Bob", "the spouse of {}", "the spouse of {}")
+    chains = [("Ann", "spouse", "Bob", "spouse", "Bob"), ("Imagine", "performer", "John Lennon", "spouse", "Yoko Ono")]
+    kept = from_triples(chains, TEMPLATES, on_error="skip")
+    assert [q.id for q in kept] == ["Imagine|performer|spouse"] and "e2 and e3 are both" in kept.issues[0].problem
+
+
+def test_one_hop_suffix_is_the_studys_and_configurable(tmp_path):
+    """Default " is" (the study's evaluate_dataset.py: f"{template.format(label)} is"); prompts that end otherwise
+    are counted in one warning; suffix="" for relation-after-entity prompts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = read_twohop_csv(FIXTURE_CSV)[0]
+    assert q.hop1_prompt == "the performer of Imagine is" and q.entity_shortcut_prompt == "the spouse of Imagine is"
+    rows = _rows()
+    col = rows[0].index("source_prompt")
+    for row in rows[1:4]:
+        row[col] = row[col].removesuffix(" is")
+    path = _write(tmp_path, rows, "no-is.csv")
+    with pytest.warns(UserWarning, match=r"3 of 12 two-hop prompts do not end in ' is' .*row 0 ends in ''"):
+        queries = read_twohop_csv(path)
+    assert queries[0].hop1_prompt.endswith(" is")
+    with pytest.warns(UserWarning, match=r"9 of 12 two-hop prompts do not end in ''"):
+        bare = load_queries(str(path), suffix="")
+    assert bare[0].hop1_prompt == "the performer of Imagine" and bare[0].hop2_prompt == "the spouse of John Lennon"
+
+
+def test_docs_describe_every_csv_column():
+    """docs/data.md names every column the reader needs or writes, the alias syntax and the unknown-word policy."""
+    from mhop_lens.data.twohop_csv import COLUMNS, REQUIRED
+
+    text = (Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    documented = set(re.findall(r"^\| `(\w+)`", text, flags=re.MULTILINE))
+    assert set(COLUMNS) | set(REQUIRED) | {"prompt"} <= documented, set(COLUMNS) - documented
+    for topic in ("## Aliases", "## Build a file from your own triples", "## Unknown words", "--on-error skip"):
+        assert topic in text

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 
+from mhop_lens.cli.options import POSITIVE, check_device_option
 from mhop_lens.errors import MhopLensError
 
 
@@ -20,16 +21,17 @@ def run_options(f: Callable) -> Callable:
                           "path."),
         click.option("--out", "out", required=True, type=click.Path(file_okay=False),
                      help="Run directory (config.json, log.txt, parquet tables)."),
-        click.option("--limit", type=int, default=None, help="Use only the first N queries."),
+        click.option("--limit", type=POSITIVE, default=None, help="Use only the first N queries."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run in --out, skipping finished queries."),
         click.option("--shard", default=None, metavar="I/N",
                      help="Process shard I of N (disjoint query subsets; combine with `mhop-lens merge`)."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        click.option("--batch-size", type=POSITIVE, default=32, show_default=True),
+        click.option("--device", default=None, callback=check_device_option,
+                     help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--device-map", default=None,
                      help="Passed to the HF loader for models larger than one GPU, e.g. 'auto'."),
-        click.option("--threads", type=int, default=None,
+        click.option("--threads", type=POSITIVE, default=None,
                      help="CPU threads for torch (default: 1 for models under 100M parameters on CPU, where thread "
                           "synchronisation costs more than it saves, especially on a shared machine)."),
         click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
@@ -80,14 +82,17 @@ def set_threads(model, threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def setup_sweep(verb: str, kw: dict, shard: bool = True):
-    """Queries, run store and model of a sweep verb, in the order that fails before ``--out`` is created.
+def setup_sweep(verb: str, kw: dict, shard: bool = True, check: Callable | None = None):
+    """Queries, run store and model of a sweep verb, in the order that fails before ``--out`` is created (the model
+    is loaded first so that queries with words outside its vocabulary are refused before anything is written).
 
     ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
     ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
+    ``check(queries)``: the verb's own validation of the data, run before the run store is created.
     """
     from mhop_lens.data import load_queries
     from mhop_lens.data.issues import describe
+    from mhop_lens.data.vocab import check_vocabulary
     from mhop_lens.models import load_model, resolve
     from mhop_lens.runs import RunStore, parse_shard
 
@@ -95,6 +100,10 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
                            on_error=kw["on_error"])
     parse_shard(kw["shard"])
     resolve(kw["model"])  # a bad --data, --shard or --model fails before the run directory is created
+    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
+    queries = check_vocabulary(model, queries, kw["on_error"], source=kw["data"])  # docs/data.md, "Unknown words"
+    if check is not None:
+        check(queries)
     store = RunStore(kw["out"], verb, kw, kw["resume"])
     if queries.issues:
         message = f"skipped {describe(queries.issues)}"
@@ -102,7 +111,6 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
         store.log(message)
         for issue in queries.issues:
             store.log(f"skipped {issue}")
-    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
     store.log(f"torch threads: {set_threads(model, kw['threads'])}")
     store.log(f"{len(queries)} queries from {kw['data']!r}; model {kw['model']!r} ({model.cfg.n_layers} layers)")
     return store, model, queries

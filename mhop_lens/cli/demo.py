@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mhop_lens.cli.common import friendly_errors
+from mhop_lens.cli.options import POSITIVE, check_device_option
 
 
 @click.command("demo")
@@ -23,12 +24,24 @@ from mhop_lens.cli.common import friendly_errors
 @click.option("--figures", "figures_dir", default=None, type=click.Path(file_okay=False),
               help="Where to write the figures (default: OUT/figures).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
+@click.option("--device", default=None, callback=check_device_option,
+              help="cpu, cuda, ... (default: cuda if available).")
+@click.option("--threads", type=POSITIVE, default=None,
+              help="CPU threads for torch (default: torch's own choice, one per core).")
 @friendly_errors
 def demo(out: str, model: str, data: str, gar_model: str, quick: bool, overwrite: bool, formats: str,
-         figures_dir: str | None, seed: int, device: str | None) -> None:
-    """The main job: on the organism, evaluate, run every analysis on a sample, write tables, figures, report."""
+         figures_dir: str | None, seed: int, device: str | None, threads: int | None) -> None:
+    """The main job: on the organism, evaluate, run every analysis on a sample, write tables, figures, report.
+
+    Exits 1 when a step failed, after writing every other step's tables, the figures and the report (which marks
+    the failed steps at its top).
+    """
+    import torch
+
     from mhop_lens.demo import QUICK, DemoSize, run_demo
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     result = run_demo(out, model=model, data=data, size=QUICK if quick else DemoSize(), seed=seed, device=device,
                       formats=tuple(f.strip() for f in formats.split(",") if f.strip()), overwrite=overwrite,
@@ -37,7 +50,8 @@ def demo(out: str, model: str, data: str, gar_model: str, quick: bool, overwrite
         click.echo(f"{s.name:<24}{s.status:<9}{s.seconds:6.1f}s  {s.note}")
     if result.figure_note:
         click.echo(f"note: {result.figure_note}")
-    click.echo(f"demo finished in {result.seconds:.0f}s: report {result.report}, figures {result.figures_dir}")
+    click.echo(f"demo finished in {result.seconds:.0f}s ({torch.get_num_threads()} torch threads): report "
+               f"{result.report}, figures {result.figures_dir}")
     failed = [s.name for s in result.steps if s.status == "failed"]
     if failed:
         raise click.ClickException(f"step(s) failed: {', '.join(failed)} (details in {result.out / 'log.txt'}).")

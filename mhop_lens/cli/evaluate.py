@@ -7,13 +7,14 @@ import time
 import click
 
 from mhop_lens.cli.common import friendly_errors, run_options, setup_sweep
+from mhop_lens.cli.options import POSITIVE, check_generation_fits
 
 
 @click.command("evaluate")
 @run_options
 @click.option("--scorer", type=click.Choice(["logprob", "gen"]), default="logprob", show_default=True,
               help="logprob: teacher-forced greedy check of each answer (fast); gen: greedy generation + alias match.")
-@click.option("--max-new-tokens", type=int, default=None,
+@click.option("--max-new-tokens", type=POSITIVE, default=None,
               help="gen scorer: tokens to generate (default: as many as the longest alias; the study used 10).")
 @friendly_errors
 def evaluate(**args) -> None:
@@ -22,6 +23,10 @@ def evaluate(**args) -> None:
     from mhop_lens.evaluate import summarize
 
     store, model, queries = setup_sweep("evaluate", args)
+    if args["scorer"] == "gen" and args["max_new_tokens"] is not None:
+        from mhop_lens.data import PROMPT_KINDS
+
+        check_generation_fits(model, [q.prompt_of(k) for q in queries for k in PROMPT_KINDS], args["max_new_tokens"])
     start = time.perf_counter()
     frame = store.sweep(
         "evaluation", queries,

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from mhop_lens.cli.common import friendly_errors
+from mhop_lens.cli.options import POSITIVE, check_device_option
 from mhop_lens.errors import DataError
 
 
@@ -46,7 +47,11 @@ def load_examples(spec: str, limit: int | None = None) -> list:
     else:
         raise DataError(f"--data {spec!r}: expected a .parquet of GAR examples, a run directory holding "
                         "examples.parquet, a published GAR .jsonl, or 'organism-gar'.")
-    return examples[:limit] if limit else examples
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be at least 1, not {limit}.")
+    if not examples:
+        raise DataError(f"--data {spec!r} holds no GAR examples; pass a non-empty examples file.")
+    return examples[:limit] if limit is not None else examples
 
 
 def gar_options(f: Callable) -> Callable:
@@ -57,10 +62,11 @@ def gar_options(f: Callable) -> Callable:
         click.option("--data", required=True,
                      help="GAR examples: parquet / run dir of `gar generate`, a published .jsonl, or 'organism-gar'."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
-        click.option("--limit", type=int, default=None, help="Use only the first N examples."),
+        click.option("--limit", type=POSITIVE, default=None, help="Use only the first N examples."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available)."),
+        click.option("--batch-size", type=POSITIVE, default=32, show_default=True),
+        click.option("--device", default=None, callback=check_device_option,
+                     help="cpu, cuda, ... (default: cuda if available)."),
     ]
     return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
 
@@ -75,8 +81,8 @@ def gar() -> None:
 @click.option("--relation-sets", default=None, help="Comma list of built-in relation sets (default: all).")
 @click.option("--forms", default=None, help="Comma list like gen,cls,cls+neg,gen+swap_qa (default: all 16).")
 @click.option("--n-r", default="0,1,2", show_default=True, help="Comma list of difficulties (non-copy relations).")
-@click.option("--n-per-task", type=int, default=8, show_default=True)
-@click.option("--cxt-len", type=int, default=3, show_default=True)
+@click.option("--n-per-task", type=POSITIVE, default=8, show_default=True)
+@click.option("--cxt-len", type=POSITIVE, default=3, show_default=True)
 @click.option("--n-demos", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
@@ -109,8 +115,8 @@ def evaluate(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
+    examples = load_examples(kw["data"], kw["limit"])  # bad data fails before --out is written
     store = RunStore(kw["out"], "gar evaluate", kw)
-    examples = load_examples(kw["data"], kw["limit"])
     model = load_model(kw["model"], device=kw["device"])
     frame = run_eval(model, examples, kw["restrict"], kw["scorer"], not kw["no_subquestions"], kw["batch_size"],
                      progress=True)

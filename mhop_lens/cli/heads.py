@@ -15,7 +15,21 @@ import click
 
 from mhop_lens.cli.common import friendly_errors
 from mhop_lens.cli.gar import _csv, gar_options, load_examples
-from mhop_lens.errors import DataError
+from mhop_lens.cli.options import limit_too_small
+from mhop_lens.errors import DataError, MhopLensError
+
+_NO_PAIRS = "no Yes/No counter-pair (a Yes and a No classification row sharing a pair_id)"
+
+
+def _counter_pairs(model, examples: list, kw: dict):
+    """Yes/No counter-pairs of the examples; a too-small --limit says how many examples hold the first pair."""
+    from mhop_lens.analyses.heads import counter_pairs
+
+    try:
+        return counter_pairs(model, examples)
+    except MhopLensError as e:
+        raise limit_too_small(e, kw["limit"], kw["data"], _NO_PAIRS, lambda: load_examples(kw["data"]),
+                              lambda exs: counter_pairs(model, exs)) from None
 
 
 def _pairs(kw: dict, model):
@@ -43,9 +57,7 @@ def _pairs(kw: dict, model):
         pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
         metric = metrics.clean_vs_corrupt_answer(model, pick(p.clean_answers), pick(p.corrupt_answers))
         return pick(p.clean), pick(p.corrupted), metric, pick(p.spans), pick(p.pair_ids), len(p) - len(keep)
-    from mhop_lens.analyses.heads import counter_pairs
-
-    p = counter_pairs(model, examples)
+    p = _counter_pairs(model, examples, kw)
     return p.clean, p.corrupted, metrics.yes_no(model, len(p)), p.spans, p.pair_ids, p.dropped
 
 
@@ -88,9 +100,9 @@ def attribute(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
-    store = RunStore(kw["out"], "attribute", kw)
     model = load_model(kw["model"], device=kw["device"])
-    clean, corrupt, metric, spans, ids, dropped = _pairs(kw, model)
+    clean, corrupt, metric, spans, ids, dropped = _pairs(kw, model)  # fails before --out is written
+    store = RunStore(kw["out"], "attribute", kw)
     store.log(f"{len(clean)} pairs ({dropped} dropped: clean/corrupted token counts differ)")
     sites = _csv(kw["sites"])
     frame = run_atp(model, clean, corrupt, metric, sites=sites, per_position=spans if kw["per_span"] else False,
@@ -142,9 +154,10 @@ def find(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
-    store = RunStore(kw["out"], "heads find", kw)
-    model = load_model(kw["model"], device=kw["device"])
     examples = load_examples(kw["data"], kw["limit"])
+    model = load_model(kw["model"], device=kw["device"])
+    _counter_pairs(model, examples, kw)  # bad data or a too-small --limit fails before --out is written
+    store = RunStore(kw["out"], "heads find", kw)
     scores, top = find_heads(model, examples, kw["k"], exact=not kw["no_exact"], batch_size=kw["batch_size"],
                              group_by=None if kw["group_by"] == "none" else kw["group_by"], ig_steps=kw["ig_steps"])
     store.write("head_scores", scores)
@@ -193,9 +206,9 @@ def intervene(**kw) -> None:
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
+    examples = load_examples(kw["data"], kw["limit"])  # bad data fails before --out is written
     store = RunStore(kw["out"], "heads intervene", kw)
     model = load_model(kw["model"], device=kw["device"])
-    examples = load_examples(kw["data"], kw["limit"])
     frame = run_intervene(model, examples, parse_heads(kw["head_spec"]), kw["kind"], kw["factor"], kw["attend_role"],
                           kw["n_random"], kw["seed"], kw["restrict"], batch_size=kw["batch_size"])
     store.write("interventions", frame)

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from mhop_lens.cli.common import friendly_errors, run_options, setup_sweep
+from mhop_lens.cli.options import POSITIVE, check_generation_fits, check_top_k
 from mhop_lens.errors import DataError
 
 
@@ -49,14 +50,17 @@ def _done(store, tables: list[str]) -> None:
 @click.option("--placeholder", default="x", show_default=True, help="Token of the target prompt that is patched.")
 @click.option("--decoder", type=click.Choice(["auto", "generate", "lens", "one_hop"]), default="auto",
               show_default=True, help="auto: generate when the target prompt tokenises cleanly, else lens.")
-@click.option("--max-new-tokens", type=int, default=4, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=4, show_default=True)
 @click.option("--sample", is_flag=True, help="Sample (seeded by --seed) instead of greedy decoding.")
 @friendly_errors
 def describe(**kw) -> None:
     """Patchscopes: decode which entity (e1/e2/e3/other) each layer's hidden state at t1 / t2 encodes."""
-    from mhop_lens.analyses.patchscope import earliest_layers, run_patchscope
+    from mhop_lens.analyses.patchscope import TARGET_PROMPTS, earliest_layers, resolve_decoder, run_patchscope
 
     store, model, queries = setup_sweep("describe", kw)
+    target = TARGET_PROMPTS.get(kw["target_prompt"], kw["target_prompt"])
+    if resolve_decoder(model, kw["decoder"], target) == "generate":
+        check_generation_fits(model, [target], kw["max_new_tokens"])
 
     def compute(chunk):
         return run_patchscope(
@@ -79,7 +83,7 @@ def describe(**kw) -> None:
 @run_options
 @click.option("--positions", default="last", show_default=True, help="Comma list of positions (last, t1, e1, ...).")
 @click.option("--sites", default="resid,attn_out,mlp_out", show_default=True, help="Comma list of sites.")
-@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--top-k", type=POSITIVE, default=5, show_default=True)
 @click.option("--tuned-lens", "tuned_lens", default=None, type=click.Path(exists=True),
               help="Read the residual through a tuned lens trained by `mhop-lens tuned-lens train` (a directory).")
 @friendly_errors
@@ -89,6 +93,7 @@ def lens(**kw) -> None:
     from mhop_lens.analyses.tuned_lens import TunedLens
 
     store, model, queries = setup_sweep("lens", kw)
+    check_top_k(model, kw["top_k"])
     translator = TunedLens.load(kw["tuned_lens"], model) if kw["tuned_lens"] else None
 
     def compute(chunk):

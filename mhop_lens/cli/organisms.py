@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from mhop_lens.cli.options import POSITIVE
+
 
 def _print_two_hop(m: dict) -> None:
     w = m["world"]
@@ -43,6 +45,24 @@ def _print_common(m: dict, path: Path) -> None:
     click.echo(f"sha256:          {m['sha256']['model.safetensors']}")
 
 
+def _read_metrics(path: Path, name: str) -> dict:
+    """metrics.json of a training output directory, or one clean error naming what to pass instead."""
+    file = path / "metrics.json"
+    if not file.is_file():
+        raise click.ClickException(f"{path} holds no metrics.json, so it is not a directory written by "
+                                   f"`mhop-lens {name} train --out DIR`; pass such a directory, or leave --path out "
+                                   "for the shipped checkpoint.")
+    try:
+        metrics = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"{file} is not valid JSON ({str(e).splitlines()[0]}); retrain with "
+                                   f"`mhop-lens {name} train --out {path}`.") from None
+    if not isinstance(metrics, dict):
+        raise click.ClickException(f"{file} holds a JSON {type(metrics).__name__}, not the metrics object of "
+                                   f"`mhop-lens {name} train`.")
+    return metrics
+
+
 def organism_group(name: str, package: str, summary: str, train_help: str,
                    print_metrics: Callable[[dict], None]) -> click.Group:
     """The ``train`` / ``info`` group of the organism in ``package`` (e.g. ``mhop_lens.organism``)."""
@@ -54,7 +74,7 @@ def organism_group(name: str, package: str, summary: str, train_help: str,
     @group.command("train", help=train_help)
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
     @click.option("--seed", default=0, show_default=True, help="Seeds the data, the initialisation and the batches.")
-    @click.option("--steps", type=int, default=None, help="Optimizer steps (default: the shipped recipe's).")
+    @click.option("--steps", type=POSITIVE, default=None, help="Optimizer steps (default: the shipped recipe's).")
     @click.option("--seconds", type=float, default=None, help="Optional wall-clock cap for this session.")
     @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt if present.")
     def train_cmd(out: str, seed: int, steps: int | None, seconds: float | None, resume: bool) -> None:
@@ -75,12 +95,17 @@ def organism_group(name: str, package: str, summary: str, train_help: str,
     def info_cmd(path: str | None, as_json: bool) -> None:
         """Accuracies, training time, steps, seed, the exact training command and the weights hash."""
         p = Path(path) if path else Path(importlib.import_module(package).assets_dir())
-        metrics = json.loads((p / "metrics.json").read_text())
+        metrics = _read_metrics(p, name)
         if as_json:
             click.echo(json.dumps(metrics, indent=1))
-        else:
+            return
+        try:
             print_metrics(metrics)
             _print_common(metrics, p)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise click.ClickException(f"{p / 'metrics.json'} is not the metrics of a `mhop-lens {name} train` run "
+                                       f"(no {e}); pass such a directory, or the other organism's `info` verb."
+                                       ) from None
 
     return group
 

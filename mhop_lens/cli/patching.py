@@ -10,6 +10,8 @@ from __future__ import annotations
 import click
 
 from mhop_lens.cli.common import friendly_errors, run_options, setup_sweep
+from mhop_lens.cli.options import limit_too_small
+from mhop_lens.errors import MhopLensError
 
 
 def _shard(items: list, kw: dict) -> list:
@@ -76,11 +78,22 @@ def backpatch(**kw) -> None:
 def patch(**kw) -> None:
     """Activation patching clean -> corrupted; pairs share (r1, r2) and differ in e1 (metric: logit difference)."""
     from mhop_lens.analyses.patching import OLD_SITES, counterfactual_pairs, run_activation_patching
+    from mhop_lens.data import load_queries
 
     if kw["sites"] in OLD_SITES:
         click.echo(f"note: --sites {kw['sites']} is deprecated; use --sites {OLD_SITES[kw['sites']]}.", err=True)
         kw["sites"] = OLD_SITES[kw["sites"]]
-    store, model, queries = setup_sweep("patch", kw, shard=False)
+
+    def check(queries) -> None:
+        try:
+            counterfactual_pairs(queries, kw["seed"])
+        except MhopLensError as e:
+            raise limit_too_small(e, kw["limit"], kw["data"], "no counterfactual pair (two queries with the same "
+                                  "r1 and r2 but different e1 and e3)",
+                                  lambda: load_queries(kw["data"], on_error=kw["on_error"]),
+                                  lambda qs: counterfactual_pairs(qs, kw["seed"])) from None
+
+    store, model, queries = setup_sweep("patch", kw, shard=False, check=check)
     pairs = _shard(counterfactual_pairs(queries, kw["seed"]), kw)
     store.log(f"{len(pairs)} clean/corrupted pairs")
 

@@ -27,12 +27,14 @@ def load_queries(
     shard: str | tuple[int, int] | None = None,
     split: str | None = None,
     on_error: OnError = "raise",
+    suffix: str | None = None,
 ) -> QueryList:
     """Queries named by ``spec``: keep ``split``, then the first ``limit``, then shard ``i/n`` of those.
 
     Limiting before sharding makes the shards of one ``--limit`` run partition exactly the queries an unsharded
     run with that limit would see. Malformed rows raise (``on_error="raise"``) or are skipped and listed in the
-    result's ``.issues``. An empty result is a ``DataError``.
+    result's ``.issues``. An empty result is a ``DataError``. ``suffix`` ends a two-hop CSV's one-hop and shortcut
+    prompts (default the study's " is"; see ``read_twohop_csv``).
     """
     spec = str(spec)
     name, _, spec_split = spec.partition(":")
@@ -42,7 +44,7 @@ def load_queries(
         path = Path(spec) if spec.endswith(".json") else Path(spec) / "world.json"
         queries = organism_queries(path, None, on_error=on_error)
     elif spec.endswith(".csv"):
-        queries = read_twohop_csv(spec, on_error=on_error)
+        queries = read_twohop_csv(spec, on_error=on_error, **({} if suffix is None else {"suffix": suffix}))
     else:
         raise DataError(f"--data {spec!r}: expected 'organism', 'organism:heldout', 'organism:train', an organism "
                         "world.json (or a directory holding one), or a two-hop CSV file (*.csv).")

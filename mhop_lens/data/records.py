@@ -7,6 +7,7 @@ Every two-hop data source (the study's CSV, the organism's world, a user's tripl
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -98,10 +99,17 @@ def build_query(
         if isinstance(value, str) or not all(isinstance(a, str) for a in value):
             raise DataError(f"query {id}: {name} must be a list of strings, not {value!r}; "
                             f"write [{value!r}] for a single alias.")
+        if any(not a.strip() for a in value):
+            raise DataError(f"query {id}: {name} {list(value)!r} holds an empty alias, which every decoded text "
+                            "would match; remove it (an empty list means no aliases).")
+    for (a, x), (b, y) in ((("e1", e1), ("e2", e2)), (("e2", e2), ("e3", e3))):
+        if x.strip() == y.strip():
+            raise DataError(f"query {id}: {a} and {b} are both {x!r}, so a decoded answer can never be told "
+                            f"apart as {a} or {b} (one of them would never be reported); drop or fix this row.")
     _phrase(r1_template), _phrase(r2_template)
     composed = r2_template.format(r1_template.format(e1))
     prompt = prompt if prompt is not None else composed + suffix
-    at = prompt.lower().find(composed.lower())
+    at = find_casefree(prompt, composed)
     if at < 0:
         raise DataError(f"query {id}: the prompt {prompt!r} does not contain the composed phrase {composed!r}; "
                         "fix the templates or the prompt so that e1, r1 and r2 can be located.")
@@ -118,6 +126,14 @@ def build_query(
         e1_aliases=tuple(e1_aliases), e2_aliases=tuple(e2_aliases), e3_aliases=tuple(e3_aliases),
         answer_prefix=answer_prefix, split=split, meta=dict(meta or {}),
     )
+
+
+def find_casefree(text: str, phrase: str) -> int:
+    """Start of the first case-insensitive occurrence of ``phrase`` in ``text`` (-1 if none), as an index into
+    ``text`` itself: unlike ``text.lower().find(...)`` it is not shifted by characters whose lower case is longer
+    ("İ" lower-cases to two code points)."""
+    m = re.search(re.escape(phrase), text, flags=re.IGNORECASE)
+    return m.start() if m else -1
 
 
 def _composed_spans(e1: str, r1_template: str, r2_template: str) -> dict[str, Span]:

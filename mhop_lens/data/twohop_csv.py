@@ -3,7 +3,13 @@
 One row per query: Wikidata ids ``e1 r1 e2 r2 e3``, labels ``e*_label``, Python-literal alias lists
 ``e*_aliases``, types ``e*_type r*_type``, ``e*_popularity``, ``r1_template r2_template`` ("the spouse of {}") and
 the two-hop prompt ``source_prompt`` (``prompt`` in some releases). An unnamed pandas index column may come first.
-Rows are read with the csv module (not pandas) so that a short or long row is reported with its id.
+Rows are read with the csv module (not pandas) so that a short or long row is reported with its id. Every column is
+described in docs/data.md.
+
+One-hop and shortcut prompts are not in the file: like the study's ``evaluate_dataset.py`` they are a template
+filled with an entity plus ``suffix`` (the study's " is"). The study appends " is" to its relation-before-entity
+two-hop prompts only, so a file whose prompts end otherwise (relation-after-entity "... has a spouse named") gets
+a warning naming how many rows do not end in the suffix.
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ from __future__ import annotations
 import ast
 import csv
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 from mhop_lens.data.issues import IssueCollector, OnError, QueryList
-from mhop_lens.data.records import TwoHopQuery, build_query
-from mhop_lens.errors import DataError
+from mhop_lens.data.records import TwoHopQuery, build_query, find_casefree
+from mhop_lens.errors import DataError, not_utf8
 
 ENTITIES = ("e1", "e2", "e3")
 RELATIONS = ("r1", "r2")
@@ -28,22 +35,27 @@ COLUMNS = ("id", "e1", "r1", "e2", "r2", "e3", "e1_label", "e2_label", "e3_label
            "e3_aliases", "e1_type", "r1_type", "e2_type", "r2_type", "e3_type", "e1_popularity", "e2_popularity",
            "e3_popularity", "r1_template", "r2_template", "source_prompt")
 #: Columns kept verbatim in ``TwoHopQuery.meta`` (Wikidata ids under ``<col>_id``) so a read row writes back.
+#: What the study appends to a filled template to make a one-hop / entity-shortcut prompt ("... of X" + " is").
+STUDY_SUFFIX = " is"
 META = ("e1_type", "r1_type", "e2_type", "r2_type", "e3_type", "e1_popularity", "e2_popularity", "e3_popularity")
 
 
-def read_twohop_csv(path: str | os.PathLike, *, on_error: OnError = "raise", split: str = "") -> QueryList:
+def read_twohop_csv(path: str | os.PathLike, *, on_error: OnError = "raise", split: str = "",
+                    suffix: str = STUDY_SUFFIX) -> QueryList:
     """Queries of a two-hop CSV, in file order. Relation names are ``r*_type`` when present, else ``r*``.
 
-    Malformed rows (missing value or field, unparseable alias list, bad template, prompt without e1, duplicate id)
-    raise one ``DataError`` listing every bad row id, or with ``on_error="skip"`` are skipped and listed in the
-    returned list's ``.issues``. A file without a required column is always an error.
+    Malformed rows (missing value or field, unparseable alias list, empty alias, e2 equal to e1 or e3, bad
+    template, prompt without e1, duplicate id) raise one ``DataError`` listing every bad row id, or with
+    ``on_error="skip"`` are skipped and listed in the returned list's ``.issues``. A file without a required column,
+    not in UTF-8, or not parseable as CSV is always an error. ``suffix`` ends the one-hop and entity-shortcut
+    prompts (default the study's " is"); a warning counts the prompts whose text after the composed relation
+    phrase is not ``suffix``, because their one-hop prompts would then not match the two-hop one.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"two-hop CSV {str(path)!r} does not exist. Download the study's two_hop.csv "
                         "(github.com/edenbiran/HoppingTooLate) or pass --data organism.")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    rows = _csv_rows(path)
     if not rows:
         raise DataError(f"{path} is empty; a two-hop CSV needs a header row and one row per query.")
     header = rows[0]
@@ -69,13 +81,45 @@ def read_twohop_csv(path: str | os.PathLike, *, on_error: OnError = "raise", spl
             continue
         seen[row_id] = line
         try:
-            queries.append(_row_query(row, row_id, prompt_col, split))
+            queries.append(_row_query(row, row_id, prompt_col, split, suffix))
         except DataError as e:
             issues.add(row_id, str(e).removeprefix(f"query {row_id}: "))
+    _warn_suffix(path, queries, suffix)
     return issues.finish(queries)
 
 
-def _row_query(row: dict[str, str], row_id: str, prompt_col: str, split: str) -> TwoHopQuery:
+def _csv_rows(path: Path) -> list[list[str]]:
+    """Every row of the file; a non-UTF-8 file or a CSV syntax error (e.g. an unclosed quote swallowing the rest
+    of the file into one oversized field) is a ``DataError`` naming the line."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            return list(reader)
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+        except csv.Error as e:
+            raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({e}); an unclosed quote makes the "
+                            "rest of the file one field. Quote fields that hold commas and close every quote."
+                            ) from None
+
+
+def _warn_suffix(path: Path, queries: list[TwoHopQuery], suffix: str) -> None:
+    """Warn when two-hop prompts do not end with ``suffix`` after the composed phrase (the one-hop prompts do)."""
+    odd = []
+    for q in queries:
+        composed = q.r2_template.format(q.r1_template.format(q.e1))
+        tail = q.prompt[find_casefree(q.prompt, composed) + len(composed):]
+        if tail != suffix:
+            odd.append((q.id, tail))
+    if odd:
+        qid, tail = odd[0]
+        warnings.warn(f"{path}: {len(odd)} of {len(queries)} two-hop prompts do not end in {suffix!r} after the "
+                      f"relation phrase (row {qid} ends in {tail!r}), but their one-hop and entity-shortcut prompts "
+                      f"get {suffix!r} appended; pass the matching suffix (read_twohop_csv / load_queries "
+                      "suffix=...) or those prompts score against a different question.", stacklevel=3)
+
+
+def _row_query(row: dict[str, str], row_id: str, prompt_col: str, split: str, suffix: str) -> TwoHopQuery:
     for col in (*REQUIRED, prompt_col):
         if col not in ("e1_aliases", "e2_aliases", "e3_aliases") and not row[col].strip():
             raise DataError(f"missing value in column {col}")
@@ -85,7 +129,7 @@ def _row_query(row: dict[str, str], row_id: str, prompt_col: str, split: str) ->
     meta |= {c: row[c] for c in META if c in row}
     return build_query(
         row_id, row["e1_label"], names["r1"], row["e2_label"], names["r2"], row["e3_label"],
-        row["r1_template"], row["r2_template"], prompt=row[prompt_col], split=split, meta=meta,
+        row["r1_template"], row["r2_template"], suffix=suffix, prompt=row[prompt_col], split=split, meta=meta,
         e1_aliases=aliases["e1"], e2_aliases=aliases["e2"], e3_aliases=aliases["e3"],
     )
 
