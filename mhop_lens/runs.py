@@ -137,7 +137,8 @@ def config_difference(old: dict, new: dict, ignore_args: set[str]) -> tuple[str,
     fields += [(f"args.{k}", old_args.get(k), new_args.get(k)) for k in sorted(set(old_args) | set(new_args))]
     for name in sorted(inputs):
         a, b = old.get("inputs", {}).get(name, {}), new.get("inputs", {}).get(name, {})
-        fields += [(f"inputs.{name}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b))]
+        order = sorted(set(a) | set(b), key=lambda k: (k != "sha256", k != "path", k))  # content first
+        fields += [(f"inputs.{name}.{k}", a.get(k), b.get(k)) for k in order]
     for field, a, b in fields:
         if a != b:
             return field, a, b
