@@ -388,6 +388,8 @@ class RunStore:
             else:
                 valid.append(e)
         listed = {e["file"] for e in valid}
+        for p in parts.glob(".*.tmp") if parts.is_dir() else []:
+            p.unlink()  # a chunk being written when its process died
         for p in sorted(parts.glob("*.parquet")) if parts.is_dir() else []:
             if p.name not in listed:
                 problems.append(f"chunk {p.name} is not in the manifest")
@@ -410,9 +412,9 @@ class RunStore:
         return {_key(k) for e in self.chunks(table, verify=True) for k in e["keys"]}
 
     def append(self, table: str, frame: pd.DataFrame, keys: Sequence | None = None, key: str = "qid") -> Path:
-        """Write one chunk atomically, named by the keys it holds (default: ``frame[key]``), and list it in the
-        manifest with its row count and sha256 (a killed process leaves no half chunk, and the chunk is not
-        counted until its manifest line is written)."""
+        """Write one chunk atomically, named by the keys it holds (default: ``frame[key]``), listed in the manifest
+        with its row count and sha256 before it is renamed into place (a killed process leaves no half chunk; a
+        listed chunk that never arrived is found missing on resume and recomputed)."""
         self.start()
         keys = list(frame[key].drop_duplicates()) if keys is None else list(keys)
         parts = self._parts(table)
@@ -423,11 +425,11 @@ class RunStore:
         _fsync(tmp)
         entry = {"file": path.name, "keys": _jsonable(keys), "rows": len(frame), "bytes": tmp.stat().st_size,
                  "sha256": file_sha256(tmp, full=True)}
-        os.replace(tmp, path)
-        with open(parts / MANIFEST, "a") as f:
+        with open(parts / MANIFEST, "a") as f:  # listed first: a chunk file on disk is always in the manifest
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
         return path
 
     def read(self, table: str, sort_by: Sequence[str] | None = None) -> pd.DataFrame:
