@@ -145,21 +145,23 @@ def submit_sweep(command: click.Command, kw: dict[str, Any], inputs: dict[str, d
                 "inputs": _jsonable(inputs), "mhop_lens_version": package_version(), "shards": n,
                 "executor": kw["executor"], "created": _now()}
         _check_plan(out, plan, kw)
+        try:  # e.g. no SLURM on this machine, or an unknown parameter: one line, and nothing submitted
+            executor = submitit.AutoExecutor(folder=out / "submitit", cluster=kw["executor"])
+            executor.update_parameters(**{"name": f"mhop-lens-{verb}", **params})
+        except Exception as e:  # noqa: BLE001
+            raise RunError(f"--executor {kw['executor']}: {' '.join(str(e).split())}") from None
+        _atomic_write_text(out / "submit.json", json.dumps(plan, indent=2))
         dirs = [shard_dir(out, i) for i in range(n)]
         todo = [i for i, d in enumerate(dirs) if not (d / "status.json").exists()]
         _log(out, f"{verb}: {n} shards, {n - len(todo)} already finished; submitting {len(todo)} "
                   f"({kw['executor']}, {params})")
         if todo:
-            executor = submitit.AutoExecutor(folder=out / "submitit", cluster=kw["executor"])
-            try:
-                executor.update_parameters(**{"name": f"mhop-lens-{verb}", **params})
-            except (ValueError, TypeError) as e:
-                raise RunError(f"--executor-option: {e}") from None
             job = ShardJob(verb, params_to_argv(command, kw), str(out.resolve()), n, os.getcwd())
             try:
                 jobs = executor.map_array(job, todo)
             except Exception as e:  # noqa: BLE001 - e.g. no sbatch on this machine: one line, not a traceback
-                raise RunError(f"submitting to {kw['executor']} failed: {e}") from None
+                raise RunError(f"submitting to {kw['executor']} failed: {e}. Fix the cause and rerun with "
+                               "--resume.") from None
             plan["jobs"] = {str(i): j.job_id for i, j in zip(todo, jobs, strict=True)}
             _atomic_write_text(out / "submit.json", json.dumps(plan, indent=2))
             click.echo(f"submitted {len(todo)} shard job(s) to {kw['executor']}: {', '.join(j.job_id for j in jobs)}"
@@ -182,7 +184,7 @@ def submit_sweep(command: click.Command, kw: dict[str, Any], inputs: dict[str, d
 
 
 def _check_plan(out: Path, plan: dict, kw: dict) -> None:
-    """Refuse a different study in ``out`` (or clear it with --overwrite); write submit.json."""
+    """Refuse a different study in ``out`` (or clear it with --overwrite)."""
     path = out / "submit.json"
     if kw.get("overwrite"):
         shutil.rmtree(out / "shards", ignore_errors=True)
@@ -205,7 +207,6 @@ def _check_plan(out: Path, plan: dict, kw: dict) -> None:
         plan.update(created=old.get("created", plan["created"]))
     elif (out / "config.json").exists():
         raise RunError(f"{out} already holds a run; choose a new --out, or pass --overwrite to replace it.")
-    _atomic_write_text(path, json.dumps(plan, indent=2))
 
 
 def _cause(error: Exception) -> str:

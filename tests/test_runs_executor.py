@@ -73,12 +73,16 @@ def test_executor_options_are_checked_before_submitting(world, tmp_path):
              (["--executor", "local"], "--shards N"),
              (["--executor", "local", "--shards", "2", "--shard", "0/2"], "exclude each other"),
              (["--executor", "local", "--shards", str(N + 1)], "more than the"),
-             (["--executor", "local", "--shards", "2", "--executor-option", "nonsense"], "KEY=VALUE")]
+             (["--executor", "local", "--shards", "2", "--executor-option", "nonsense"], "KEY=VALUE"),
+             (["--executor", "local", "--shards", "2", "--executor-option", "bogus_param=3"], "Unknown executor")]
+    if shutil.which("srun") is None:
+        cases.append((["--executor", "slurm", "--shards", "2"], "slurm cluster"))
     for extra, message in cases:
         result = CliRunner().invoke(main, ["backpatch", "--data", world, "--limit", str(N), "--out",
                                            str(tmp_path / "x"), *extra])
         assert result.exit_code != 0 and message in result.output, (extra, result.output)
-        assert "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if "Error" in line]
+        assert "Traceback" not in result.output and len(errors) == 1 and errors[0].startswith("Error:"), result.output
     assert not (tmp_path / "x" / "submit.json").exists()
 
 
