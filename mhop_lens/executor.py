@@ -175,7 +175,8 @@ def submit_sweep(command: click.Command, kw: dict[str, Any], inputs: dict[str, d
             if failures:
                 _log(out, "failed: " + "; ".join(failures))
                 raise RunError(f"{len(failures)} of {n} shard jobs failed: {failures[0]}. Fix the cause and rerun "
-                               "with --resume (finished shards are kept; the others resume from their chunks).")
+                               "with --resume: finished shards are kept, the others resume from their chunks (if the "
+                               "fix changes an option and some shards wrote results, --overwrite starts over).")
         counts = merge(dirs, out, overwrite=True, locked=True)
         _log(out, f"merged {n} shards: {counts}")
         return counts
@@ -186,6 +187,9 @@ def submit_sweep(command: click.Command, kw: dict[str, Any], inputs: dict[str, d
 def _check_plan(out: Path, plan: dict, kw: dict) -> None:
     """Refuse a different study in ``out`` (or clear it with --overwrite)."""
     path = out / "submit.json"
+    if path.exists() and not any((out / "shards").rglob("*.parquet")) and not kw.get("overwrite"):
+        _log(out, "replacing a submission whose shards wrote no results")  # e.g. every shard failed on an option
+        kw = dict(kw, overwrite=True)
     if kw.get("overwrite"):
         shutil.rmtree(out / "shards", ignore_errors=True)
         shutil.rmtree(out / "submitit", ignore_errors=True)
