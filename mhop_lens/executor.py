@@ -193,7 +193,7 @@ def _check_plan(out: Path, plan: dict, kw: dict) -> None:
     if kw.get("overwrite"):
         shutil.rmtree(out / "shards", ignore_errors=True)
         shutil.rmtree(out / "submitit", ignore_errors=True)
-        for name in ("submit.json", "config.json", "status.json", "log.txt"):
+        for name in ("submit.json", "config.json", "status.json"):
             (out / name).unlink(missing_ok=True)
         for p in out.glob("*.parquet"):
             p.unlink()
