@@ -167,7 +167,9 @@ def data_file(spec: str) -> tuple[str, str | None]:
 
 
 def setup_sweep(verb: str, kw: dict, shard: bool = True):
-    """Queries, run store and model of a sweep verb, in the order that fails before ``--out`` is created.
+    """Queries, run store and model of a sweep verb: inputs checked and fingerprinted, ``--out`` checked against an
+    earlier run there and locked, the model loaded, and only then config.json written (a failed setup leaves
+    nothing that blocks the corrected command).
 
     ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
     ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
