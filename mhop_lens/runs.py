@@ -556,10 +556,20 @@ def merge(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, key: st
                            "into a new directory.")
     if (out / "config.json").exists() and not overwrite:
         raise RunError(f"{out} already holds a run; choose a new --out, or pass --overwrite to replace it.")
+    names = [sorted(p.stem for p in d.glob("*.parquet")) for d in run_dirs]
+    for d, have in zip(run_dirs, names, strict=True):
+        lost = sorted(set().union(*map(set, names)) - set(have))
+        if lost:
+            raise RunError(f"{d} has no table {lost[0]!r}, which other shards have; rerun it with the same command "
+                           "and --resume (it rewrites its tables from its chunks).")
     tables: dict[str, list[pd.DataFrame]] = {}
     for d in run_dirs:
         for p in sorted(d.glob("*.parquet")):
-            tables.setdefault(p.stem, []).append(pd.read_parquet(p))
+            try:
+                tables.setdefault(p.stem, []).append(pd.read_parquet(p))
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+                raise RunError(f"{p} is unreadable ({type(e).__name__}); rerun {d} with the same command and "
+                               "--resume (it rewrites its tables from its chunks).") from None
     merged, summaries = {}, []
     for name, frames in tables.items():
         if key not in frames[0].columns and len(frames) > 1:

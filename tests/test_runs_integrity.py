@@ -213,9 +213,15 @@ def test_merge_refuses_mismatched_shards(shards, tmp_path, tiny_dirs, data_csv):
     _refused(_merge(s0, s0, s1, out=tmp_path / "x"), "more than one run", "overlapping")
     _refused(_merge(s0, s1, out=s0), "one of the runs")
     _refused(_merge(s0, s1, out=f"{s1}/merged"), "inside")
+    (tmp_path / "s1" / "lens.parquet").write_bytes(b"PAR1 truncated")
+    _refused(_merge(s0, s1, out=tmp_path / "x"), "unreadable", "--resume")
+    (tmp_path / "s1" / "lens.parquet").unlink()
+    _refused(_merge(s0, s1, out=tmp_path / "x"), "has no table 'lens'")
     os.unlink(f"{s1}/status.json")
     _refused(_merge(s0, s1, out=tmp_path / "x"), "not finished")
     assert not (tmp_path / "x").exists(), "a refused merge writes nothing"
+    run("s1", "--resume")  # what the messages say: rewrites the table from the chunks, marks the shard finished
+    _ok(_merge(s0, s1, out=tmp_path / "x"))
 
 
 def test_failed_setup_does_not_block_the_corrected_command(tmp_path, tiny_dirs, data_csv):
