@@ -96,3 +96,26 @@ def test_params_to_argv_round_trips():
     skip = {"executor", "shards", "executor_option"}
     assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in ctx.params.items() if k not in skip}
     assert isinstance(backpatch, click.Command)
+
+
+def test_a_preempted_shard_job_is_requeued_and_resumes(world, tmp_path, monkeypatch):
+    """What submitit does on pre-emption: ``checkpoint`` returns a resubmission of the same shard; run again, it
+    finds the shard's config and continues with --resume, recomputing only what the killed job had not listed."""
+    from mhop_lens.executor import ShardJob, shard_dir
+
+    monkeypatch.chdir(tmp_path)  # the job changes to the submitting directory; restore ours afterwards
+    ctx = backpatch.make_context("backpatch", ["--data", world, "--limit", str(N), "--device", "cpu",
+                                               "--batch-size", "2", "--threads", "1", "--out", "unused"])
+    job = ShardJob("backpatch", params_to_argv(backpatch, ctx.params), str(tmp_path / "sub"), 2, str(tmp_path))
+    out = shard_dir(tmp_path / "sub", 1)
+    assert job(1) == str(out)
+    whole = pd.read_parquet(out / "backpatch.parquet")
+    chunks = sorted((out / "parts" / "backpatch").glob("*.parquet"))
+    chunks[0].unlink()  # as if the job was pre-empted before this chunk was written
+    (out / "status.json").unlink()
+    resubmission = job.checkpoint(1)
+    assert resubmission.function is job and resubmission.args == (1,)
+    assert resubmission.result() == str(out)
+    log = (out / "log.txt").read_text()
+    assert "backpatch resumed" in log and f"{N // 2 - 2} of {N // 2} items already done" in log
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "backpatch.parquet"), whole, check_exact=True)
