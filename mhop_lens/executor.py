@@ -25,17 +25,17 @@ from typing import Any
 import click
 
 from mhop_lens.runs import (
-    _IGNORED_FOR_RESUME,
+    IGNORED_FOR_RESUME,
     RunError,
-    _acquire,
-    _atomic_write_text,
-    _jsonable,
-    _now,
-    _release,
+    atomic_write_text,
     config_difference,
     describe_difference,
+    hold_lock,
+    jsonable,
     merge,
+    now,
     package_version,
+    release_lock,
 )
 
 NOT_FORWARDED = {"executor", "shards", "executor_option", "out", "shard", "resume", "overwrite"}
@@ -139,18 +139,18 @@ def submit_sweep(command: click.Command, kw: dict[str, Any], inputs: dict[str, d
     except OSError as e:
         raise RunError(f"cannot write to --out {str(out)!r} ({e.strerror}).") from None
     owner = object()
-    _acquire(out, owner)
+    hold_lock(out, owner)
     try:
-        plan = {"command": verb, "args": _jsonable({k: v for k, v in kw.items() if k not in NOT_FORWARDED}),
-                "inputs": _jsonable(inputs), "mhop_lens_version": package_version(), "shards": n,
-                "executor": kw["executor"], "created": _now()}
+        plan = {"command": verb, "args": jsonable({k: v for k, v in kw.items() if k not in NOT_FORWARDED}),
+                "inputs": jsonable(inputs), "mhop_lens_version": package_version(), "shards": n,
+                "executor": kw["executor"], "created": now()}
         _check_plan(out, plan, kw)
         try:  # e.g. no SLURM on this machine, or an unknown parameter: one line, and nothing submitted
             executor = submitit.AutoExecutor(folder=out / "submitit", cluster=kw["executor"])
             executor.update_parameters(**{"name": f"mhop-lens-{verb}", **params})
         except Exception as e:  # noqa: BLE001
             raise RunError(f"--executor {kw['executor']}: {' '.join(str(e).split())}") from None
-        _atomic_write_text(out / "submit.json", json.dumps(plan, indent=2))
+        atomic_write_text(out / "submit.json", json.dumps(plan, indent=2))
         dirs = [shard_dir(out, i) for i in range(n)]
         todo = [i for i, d in enumerate(dirs) if not (d / "status.json").exists()]
         _log(out, f"{verb}: {n} shards, {n - len(todo)} already finished; submitting {len(todo)} "
@@ -163,7 +163,7 @@ def submit_sweep(command: click.Command, kw: dict[str, Any], inputs: dict[str, d
                 raise RunError(f"submitting to {kw['executor']} failed: {e}. Fix the cause and rerun with "
                                "--resume.") from None
             plan["jobs"] = {str(i): j.job_id for i, j in zip(todo, jobs, strict=True)}
-            _atomic_write_text(out / "submit.json", json.dumps(plan, indent=2))
+            atomic_write_text(out / "submit.json", json.dumps(plan, indent=2))
             click.echo(f"submitted {len(todo)} shard job(s) to {kw['executor']}: {', '.join(j.job_id for j in jobs)}"
                        f" (logs: {out / 'submitit'})", err=True)
             failures = []
@@ -181,7 +181,7 @@ def submit_sweep(command: click.Command, kw: dict[str, Any], inputs: dict[str, d
         _log(out, f"merged {n} shards: {counts}")
         return counts
     finally:
-        _release(out, owner)
+        release_lock(out, owner)
 
 
 def _check_plan(out: Path, plan: dict, kw: dict) -> None:
@@ -202,7 +202,7 @@ def _check_plan(out: Path, plan: dict, kw: dict) -> None:
             raise RunError(f"{out} already holds a submitted `{plan['command']}`. Pass --resume to finish it (and "
                            "merge), --overwrite to replace it, or choose a new --out.")
         old = json.loads(path.read_text())
-        diff = config_difference(old, plan, _IGNORED_FOR_RESUME)
+        diff = config_difference(old, plan, IGNORED_FOR_RESUME)
         if diff is None and old.get("shards") != plan["shards"]:
             diff = ("shards", old.get("shards"), plan["shards"])
         if diff is not None:
@@ -223,4 +223,4 @@ def _cause(error: Exception) -> str:
 
 def _log(out: Path, message: str) -> None:
     with open(out / "log.txt", "a") as f:
-        f.write(f"{_now()} {message}\n")
+        f.write(f"{now()} {message}\n")

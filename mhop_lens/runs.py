@@ -38,10 +38,10 @@ from mhop_lens.errors import MhopLensError
 
 T = TypeVar("T")
 # arguments that may change between a run and its --resume (they do not change the rows)
-_IGNORED_FOR_RESUME = {"resume", "out", "batch_size", "device", "progress", "threads", "overwrite", "executor",
+IGNORED_FOR_RESUME = {"resume", "out", "batch_size", "device", "progress", "threads", "overwrite", "executor",
                        "shards", "executor_option"}
 # arguments that differ between the shards of one study, or are not part of a run's result
-_IGNORED_FOR_MERGE = {"shard", "out", "resume", "overwrite", "executor", "shards", "executor_option"}
+IGNORED_FOR_MERGE = {"shard", "out", "resume", "overwrite", "executor", "shards", "executor_option"}
 MANIFEST = "manifest.jsonl"
 FULL_HASH_BYTES = 256 * 2**20  # files up to this size are hashed whole; larger ones (model weights) are sampled
 _SAMPLE = 4 * 2**20
@@ -200,10 +200,10 @@ def shard_items(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
     return list(items[i::n])
 
 
-_HELD: dict[str, list] = {}  # resolved run directory -> [fd, owner]: locks this process holds
+_HELD: dict[str, list] = {}  # resolved run directory -> [fd, id(owner), pid]: the locks this process holds
 
 
-def _acquire(directory: Path, owner: object) -> None:
+def hold_lock(directory: Path, owner: object) -> None:
     """Lock ``directory`` for ``owner``. A later store of the same process takes the lock over (an earlier store
     kept alive by a traceback must not block a retry in the same session); other processes are refused."""
     key = str(directory.resolve())
@@ -213,7 +213,8 @@ def _acquire(directory: Path, owner: object) -> None:
     _HELD[key] = [lock_dir(directory), id(owner), os.getpid()]
 
 
-def _release(directory: Path, owner: object) -> None:
+def release_lock(directory: Path, owner: object) -> None:
+    """Release ``directory``'s lock if ``owner`` holds it (a store whose lock was taken over releases nothing)."""
     key = str(directory.resolve())
     held = _HELD.get(key)
     if held is not None and held[1] == id(owner) and held[2] == os.getpid():
@@ -235,7 +236,7 @@ class RunStore:
                  inputs: dict[str, dict] | None = None, overwrite: bool = False, start: bool = True):
         self.dir = Path(out)
         self.command = command
-        self.args = {k: _jsonable(v) for k, v in args.items()}
+        self.args = {k: jsonable(v) for k, v in args.items()}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / ".write-test"
@@ -244,19 +245,19 @@ class RunStore:
         except OSError as e:
             raise RunError(f"cannot write to --out {str(out)!r} ({e.strerror}). Choose a directory you can "
                            "write to, e.g. --out ./runs/my-run.") from None
-        _acquire(self.dir, self)
+        hold_lock(self.dir, self)
         self._open = True
         try:
             self.config = {
                 "command": command,
                 "args": self.args,
-                "inputs": _jsonable(inputs or {}),
+                "inputs": jsonable(inputs or {}),
                 "model": self.args.get("model"),
                 "seed": self.args.get("seed"),
                 "mhop_lens_version": package_version(),
                 "git_commit": git_commit(),
                 "python": platform.python_version(),
-                "created": _now(),
+                "created": now(),
             }
             self.resumed = self._check_existing(resume, overwrite)
         except BaseException:
@@ -291,7 +292,7 @@ class RunStore:
         if not resume:
             raise RunError(f"{self.dir} already holds a run of `{old.get('command')}`. Pass --resume to continue "
                            "it, --overwrite to replace it, or choose a new --out.")
-        diff = config_difference(old, self.config, _IGNORED_FOR_RESUME)
+        diff = config_difference(old, self.config, IGNORED_FOR_RESUME)
         if diff is not None:
             raise RunError(f"--resume refused: {self.dir} was started with other inputs or arguments "
                            f"({describe_difference(diff)}). Resume with the same arguments and inputs, or choose a "
@@ -317,21 +318,21 @@ class RunStore:
             return
         cfg_path = self.dir / "config.json"
         if not cfg_path.exists():
-            _atomic_write_text(cfg_path, json.dumps(self.config, indent=2))
+            atomic_write_text(cfg_path, json.dumps(self.config, indent=2))
         self._started = True
         self.log(f"{self.command} {'resumed' if self.resumed else 'started'} with {self.args}")
 
     def finish(self) -> None:
         """Mark the run complete (status.json)."""
         self.start()
-        _atomic_write_text(self.dir / "status.json", json.dumps({"complete": True, "finished": _now()}, indent=2))
+        atomic_write_text(self.dir / "status.json", json.dumps({"complete": True, "finished": now()}, indent=2))
         self.log(f"{self.command} finished")
 
     def close(self) -> None:
         """Release the directory lock (the process exiting releases it too)."""
         if getattr(self, "_open", False):
             self._open = False
-            _release(self.dir, self)
+            release_lock(self.dir, self)
 
     def __enter__(self) -> RunStore:
         return self
@@ -351,7 +352,7 @@ class RunStore:
 
     def log(self, message: str) -> None:
         with open(self.dir / "log.txt", "a") as f:
-            f.write(f"{_now()} {message}\n")
+            f.write(f"{now()} {message}\n")
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -404,7 +405,7 @@ class RunStore:
         if problems:
             for problem in problems:
                 self.log(f"{table}: {problem}; its keys will be computed again")
-            _atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in valid))
+            atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in valid))
         return valid
 
     def done_keys(self, table: str) -> set:
@@ -423,7 +424,7 @@ class RunStore:
         tmp = parts / f".{path.name}.tmp"
         frame.to_parquet(tmp, index=False)
         _fsync(tmp)
-        entry = {"file": path.name, "keys": _jsonable(keys), "rows": len(frame), "bytes": tmp.stat().st_size,
+        entry = {"file": path.name, "keys": jsonable(keys), "rows": len(frame), "bytes": tmp.stat().st_size,
                  "sha256": file_sha256(tmp, full=True)}
         with open(parts / MANIFEST, "a") as f:  # listed first: a chunk file on disk is always in the manifest
             f.write(json.dumps(entry) + "\n")
@@ -459,7 +460,7 @@ class RunStore:
     def write_json(self, name: str, obj: Any) -> Path:
         self.start()
         path = self.dir / name
-        _atomic_write_text(path, json.dumps(_jsonable(obj), indent=2))
+        atomic_write_text(path, json.dumps(jsonable(obj), indent=2))
         return path
 
     def sweep(
@@ -524,7 +525,7 @@ def merge(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, key: st
     if len(commands) != 1:
         raise RunError(f"cannot merge runs of different commands: {sorted(map(str, commands))}.")
     for d, cfg in zip(run_dirs[1:], configs[1:], strict=True):
-        diff = config_difference(configs[0], cfg, _IGNORED_FOR_MERGE)
+        diff = config_difference(configs[0], cfg, IGNORED_FOR_MERGE)
         if diff is not None:
             raise RunError(f"cannot merge {run_dirs[0]} and {d}: they differ in more than the shard "
                            f"({describe_difference(diff)}).")
@@ -586,7 +587,7 @@ def merge(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, key: st
     out.mkdir(parents=True, exist_ok=True)
     owner = object()
     if not locked:
-        _acquire(out, owner)
+        hold_lock(out, owner)
     try:
         for p in out.glob("*.parquet"):
             if p.stem not in merged:
@@ -595,19 +596,19 @@ def merge(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike, key: st
             tmp = out / f".{name}.parquet.tmp"
             frame.to_parquet(tmp, index=False)
             os.replace(tmp, out / f"{name}.parquet")
-        merged_cfg = dict(configs[0], merged_from=[str(d.resolve()) for d in run_dirs], created=_now())
+        merged_cfg = dict(configs[0], merged_from=[str(d.resolve()) for d in run_dirs], created=now())
         merged_cfg["args"] = dict(merged_cfg.get("args", {}), shard=None)
-        _atomic_write_text(out / "config.json", json.dumps(merged_cfg, indent=2))
-        _atomic_write_text(out / "status.json", json.dumps({"complete": True, "finished": _now()}, indent=2))
+        atomic_write_text(out / "config.json", json.dumps(merged_cfg, indent=2))
+        atomic_write_text(out / "status.json", json.dumps({"complete": True, "finished": now()}, indent=2))
         counts = {name: len(frame) for name, frame in merged.items()}
         with open(out / "log.txt", "a") as f:
-            f.write(f"{_now()} merged {len(run_dirs)} runs: {counts}\n")
+            f.write(f"{now()} merged {len(run_dirs)} runs: {counts}\n")
             if summaries:
-                f.write(f"{_now()} not merged (per-shard summaries without {key}; recompute them from the merged "
+                f.write(f"{now()} not merged (per-shard summaries without {key}; recompute them from the merged "
                         f"tables): {sorted(summaries)}\n")
     finally:
         if not locked:
-            _release(out, owner)
+            release_lock(out, owner)
     return counts
 
 
@@ -617,7 +618,7 @@ def _key(k: Any) -> Any:
 
 
 def _chunk_name(keys: Sequence) -> str:
-    return hashlib.sha256(json.dumps(sorted(_jsonable(keys), key=str)).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(sorted(jsonable(keys), key=str)).encode()).hexdigest()[:24]
 
 
 def _fsync(path: Path) -> None:
@@ -634,21 +635,21 @@ def _sorted(frame: pd.DataFrame, sort_by: Sequence[str] | None) -> pd.DataFrame:
     return frame
 
 
-def _now() -> str:
+def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
