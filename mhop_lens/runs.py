@@ -267,6 +267,37 @@ class RunStore:
         if start:
             self.start()
 
+    @staticmethod
+    def precheck(out: str | os.PathLike, command: str, args: dict[str, Any], resume: bool = False, *,
+                 inputs: dict[str, dict] | None = None, overwrite: bool = False) -> None:
+        """Raise the ``RunError`` that opening ``out`` would raise (another process writing it, a run there that
+        needs --resume, a resume with other inputs), writing nothing and creating nothing: lets a verb refuse at
+        once, before loading a large model. Opening the store checks again under the lock."""
+        out = Path(out)
+        held = _HELD.get(str(out.resolve()))
+        if (out / ".lock").is_file() and not (held and held[2] == os.getpid()):
+            unlock(lock_dir(out))  # only probes: another process holding it is refused here
+        cfg_path = out / "config.json"
+        if overwrite or not cfg_path.is_file():
+            return
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return  # opening the store reports it
+        has_results = any(out.glob("*.parquet")) or any((out / "parts").rglob("*.parquet"))
+        if not isinstance(old, dict) or not has_results:
+            return
+        if not resume:
+            raise RunError(f"{out} already holds a run of `{old.get('command')}`. Pass --resume to continue "
+                           "it, --overwrite to replace it, or choose a new --out.")
+        new = {"command": command, "args": jsonable(args), "inputs": jsonable(inputs or {}),
+               "mhop_lens_version": package_version()}
+        diff = config_difference(old, new, IGNORED_FOR_RESUME)
+        if diff is not None:
+            raise RunError(f"--resume refused: {out} was started with other inputs or arguments "
+                           f"({describe_difference(diff)}). Resume with the same arguments and inputs, or choose a "
+                           "new --out (or pass --overwrite).")
+
     def _check_existing(self, resume: bool, overwrite: bool) -> bool:
         """Validate ``out`` against an earlier run there; True when this continues it."""
         cfg_path = self.dir / "config.json"

@@ -168,8 +168,8 @@ def data_file(spec: str) -> tuple[str, str | None]:
 
 def setup_sweep(verb: str, kw: dict, shard: bool = True):
     """Queries, run store and model of a sweep verb: inputs checked and fingerprinted, ``--out`` checked against an
-    earlier run there and locked, the model loaded, and only then config.json written (a failed setup leaves
-    nothing that blocks the corrected command).
+    earlier run there (read-only), the model loaded, and only then the run directory locked, checked again and
+    written (a failed setup leaves nothing that blocks the corrected command).
 
     ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
     ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
@@ -179,15 +179,15 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
     from mhop_lens.runs import RunStore
 
     queries, inputs = check_inputs(kw, shard)
-    # validates --out against an earlier run and locks it, but writes config.json only once the model has loaded
-    store = RunStore(kw["out"], verb, kw, kw["resume"], inputs=inputs, overwrite=kw.get("overwrite", False),
-                     start=False)
+    store_args = (kw["out"], verb, kw, kw["resume"])
+    store_kw = {"inputs": inputs, "overwrite": kw.get("overwrite", False)}
+    RunStore.precheck(*store_args, **store_kw)  # refuse at once, before loading a large model
+    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
+    threads = set_threads(model, kw["threads"])
+    store = RunStore(*store_args, **store_kw)  # checks again under the directory lock, then writes config.json
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         ctx.meta.setdefault(_STORES, []).append(store)
-    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
-    threads = set_threads(model, kw["threads"])
-    store.start()
     if queries.issues:
         message = f"skipped {describe(queries.issues)}"
         click.echo(message, err=True)
