@@ -1,11 +1,25 @@
-"""Pieces the organisms' training loops share: the word-level tokenizer, the lr schedule, file hashes."""
+"""Pieces the organisms' training loops share: the word-level tokenizer, the lr schedule, file hashes, and
+resumable training state stored without pickle (safetensors + JSON)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from mhop_lens.errors import MhopLensError
+
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickled by older versions; never loaded
+TRAINED_FILES = ("model.safetensors", CHECKPOINT, LEGACY_CHECKPOINT)
+
+
+class CheckpointError(MhopLensError):
+    """A training output directory cannot be resumed or written as asked."""
 
 
 def word_tokenizer(words: Sequence[str], *, bos: str = "<bos>", pad: str = "<pad>", unk: str = "<unk>",
@@ -37,3 +51,96 @@ def warmup_cosine(step: int, warmup: int, end: int, floor: float = 0.1) -> float
 
 def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write training state (nested dicts / lists / tuples of tensors and JSON values: model, optimizer and
+    scheduler state dicts, generator state, step, curve, config) to one safetensors file: the tensors as
+    tensors, the rest as JSON in the header's metadata. Atomic (a killed process leaves the previous file)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    meta = _encode(state, tensors, "")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"mhop_lens_state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read what ``save_state`` wrote. Loads tensors and JSON only: nothing in the file can run code."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("mhop_lens_state")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        if meta is None:
+            raise ValueError("no mhop_lens_state metadata")
+        return _decode(json.loads(meta), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a readable training checkpoint ({e}); train again with --overwrite."
+                              ) from None
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check a training output directory; return the checkpoint to resume from, or None for a fresh run.
+
+    A directory holding a trained model or a checkpoint is only reused with ``resume`` (when it has a
+    checkpoint) or replaced with ``overwrite``. A pickled ``checkpoint.pt`` of older versions is never loaded.
+    """
+    ckpt, legacy = out / CHECKPOINT, out / LEGACY_CHECKPOINT
+    if resume and ckpt.is_file() and not overwrite:
+        return ckpt
+    if resume and legacy.is_file() and not overwrite:
+        raise CheckpointError(f"{legacy} was written by an older mhop_lens with pickle, which can run code when "
+                              "loaded, so it is not loaded. Delete it and train again (--overwrite).")
+    existing = [name for name in TRAINED_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        hint = "it has no checkpoint to resume; " if resume else "pass --resume to continue its checkpoint, or "
+        raise CheckpointError(f"{out} already holds a trained model ({', '.join(existing)}); {hint}pass --overwrite "
+                              "to train a new one into it, or choose another --out.")
+    for name in (CHECKPOINT, LEGACY_CHECKPOINT):
+        (out / name).unlink(missing_ok=True)
+    return None
+
+
+def check_seed(saved: dict, seed: int, ckpt: Path) -> None:
+    """A resumed run continues the checkpoint's seed; asking for another one is an error, not a silent switch."""
+    if saved.get("seed") != seed:
+        raise CheckpointError(f"--seed {seed} does not match the checkpoint in {ckpt.parent} (seed "
+                              f"{saved.get('seed')}): resume with --seed {saved.get('seed')}, or train seed {seed} "
+                              "into another --out.")
+
+
+def _encode(obj: Any, tensors: dict, path: str) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        tensors[path or "."] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": path or "."}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"training state at {path or '/'}: cannot store a {type(obj).__name__} without pickle")
+
+
+def _decode(obj: Any, tensors: dict) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj

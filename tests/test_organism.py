@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mhop_lens.cli.organisms import organism as organism_cli
 from mhop_lens.organism import World, assets_dir
 from mhop_lens.organism.train import CHECKPOINT, TrainConfig, build_tokenizer, encode_world, sha256, train
+from mhop_lens.training import load_state
 
 SHIPPED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "world.json",
            "metrics.json"]
@@ -75,7 +76,7 @@ def test_train_writes_files_and_resumes(tmp_path):
     m2 = train(tmp_path, TrainConfig(steps=5), resume=True)
     assert m2["steps"] == 5 and m2["world"]["n_entities"] == 20
     assert [c["step"] for c in m2["curve"]] == [2, 3, 4, 5]
-    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 5
+    assert load_state(tmp_path / CHECKPOINT)["step"] == 5
 
 
 def test_training_is_deterministic(tmp_path):

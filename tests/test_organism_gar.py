@@ -15,6 +15,7 @@ from mhop_lens.organism_gar import assets_dir
 from mhop_lens.organism_gar.evaluate import eval_set, held_out_contexts, score
 from mhop_lens.organism_gar.train import CHECKPOINT, Stream, TrainConfig, sha256, train
 from mhop_lens.organism_gar.world import ROW_FORMS, build_tokenizer, build_world, examples, rows_of, vocab
+from mhop_lens.training import load_state
 
 SHIPPED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "world.json",
            "metrics.json"]
@@ -62,7 +63,7 @@ def test_train_writes_files_and_resume_matches_a_straight_run(tmp_path):
     resumed = train(tmp_path / "b", TrainConfig(steps=4), resume=True)
     assert [c["step"] for c in resumed["curve"]] == [2, 3, 4]
     assert resumed["sha256"] == straight["sha256"]
-    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)["step"] == 4
+    assert load_state(tmp_path / "b" / CHECKPOINT)["step"] == 4
 
 
 def test_shipped_files_and_size():

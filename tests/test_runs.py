@@ -54,7 +54,8 @@ def test_shards_merge(tmp_path):
     shards = [shard_items(ITEMS, parse_shard(f"{i}/3")) for i in range(3)]
     assert sorted(sum(shards, [])) == ITEMS
     for i, items in enumerate(shards):
-        RunStore(tmp_path / f"s{i}", "lens", {"shard": f"{i}/3"}).sweep("t", items, compute, key=str)
+        with RunStore(tmp_path / f"s{i}", "lens", {"shard": f"{i}/3"}) as store:  # finishing writes status.json
+            store.sweep("t", items, compute, key=str)
     counts = merge([tmp_path / f"s{i}" for i in range(3)], tmp_path / "merged")
     assert counts == {"t": 30}
     merged = pd.read_parquet(tmp_path / "merged" / "t.parquet")

@@ -12,7 +12,8 @@ from mhop_lens.errors import MhopLensError
 
 
 def run_options(f: Callable) -> Callable:
-    """--model --data --out --limit --resume --shard --seed --batch-size --device --device-map --threads --on-error."""
+    """--model --data --out --limit --resume --shard --seed --batch-size --device --device-map --threads --on-error
+    --overwrite, and --executor --shards --executor-option (run the verb's shards through submitit)."""
     options = [
         click.option("--model", "model", default="organism", show_default=True,
                      help="'organism', a local HF model directory, or a hub name."),
@@ -36,23 +37,75 @@ def run_options(f: Callable) -> Callable:
                           "synchronisation costs more than it saves, especially on a shared machine)."),
         click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
                      help="Malformed data rows: stop with a list of them, or skip them (each is listed in log.txt)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace the run already in --out (its config, log, chunks and tables)."),
+        click.option("--executor", type=click.Choice(["local", "slurm"]), default=None,
+                     help="Run the verb as --shards N shard jobs through submitit (local: processes on this machine; "
+                          "slurm: a job array), requeue pre-empted shards, and merge them into --out "
+                          "(docs/scale-out.md)."),
+        click.option("--shards", type=int, default=None, help="Number of shard jobs for --executor."),
+        click.option("--executor-option", "executor_option", multiple=True, metavar="KEY=VALUE",
+                     help="A submitit parameter for --executor (repeatable), e.g. slurm_partition=gpu, "
+                          "gpus_per_node=1, timeout_min=720, slurm_array_parallelism=16."),
     ]
+    f = _dispatch(f)
     for option in reversed(options):
         f = option(f)
     return f
 
 
+def _dispatch(f: Callable) -> Callable:
+    """With --executor, hand the verb to the submitit executor (mhop_lens.executor) instead of running it here."""
+
+    @functools.wraps(f)
+    def wrapper(**kw):
+        if kw.get("executor") is None:
+            if kw.get("shards") is not None or kw.get("executor_option"):
+                raise click.UsageError("--shards and --executor-option need --executor local|slurm.")
+            return f(**kw)
+        return _submit(kw)
+
+    return wrapper
+
+
+_STORES = "mhop_lens.run_stores"  # click context meta: the run stores a verb opened (finished on success)
+
+
 def friendly_errors(f: Callable) -> Callable:
-    """Turn the suite's own errors into one clean CLI error line (exit 1), not a traceback."""
+    """Turn the suite's own errors into one clean CLI error line (exit 1), not a traceback.
+
+    Run stores the verb opened through ``setup_sweep`` are marked finished (status.json) when it returns, and
+    their directory locks released however it ends.
+    """
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
+        ctx = click.get_current_context(silent=True)
+        stores = ctx.meta.setdefault(_STORES, []) if ctx is not None else []
         try:
-            return f(*args, **kwargs)
+            result = f(*args, **kwargs)
+            for store in stores:
+                store.finish()
+            return result
         except MhopLensError as e:
             raise click.ClickException(str(e)) from None
+        finally:
+            for store in stores:
+                store.close()
+            stores.clear()
 
     return wrapper
+
+
+@friendly_errors
+def _submit(kw: dict) -> None:
+    from mhop_lens.executor import submit_sweep
+
+    queries, inputs = check_inputs(kw, shard=False)
+    counts = submit_sweep(click.get_current_context().command, kw, inputs, len(queries))
+    for name, n in sorted(counts.items()):
+        click.echo(f"{name}: {n} rows")
+    click.echo(f"merged {kw['shards']} shards into {kw['out']}")
 
 
 def not_implemented(verb: str, issue: int) -> Callable:
@@ -82,35 +135,67 @@ def set_threads(model, threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def setup_sweep(verb: str, kw: dict, shard: bool = True, check: Callable | None = None):
-    """Queries, run store and model of a sweep verb, in the order that fails before ``--out`` is created (the model
-    is loaded first so that queries with words outside its vocabulary are refused before anything is written).
-
-    ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
-    ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
-    ``check(queries)``: the verb's own validation of the data, run before the run store is created.
-    """
+def check_inputs(kw: dict, shard: bool = True):
+    """Load the queries and check --shard and --model (before any directory is written); return the queries and
+    the fingerprint of each input (resolved path and content hash of the data file, the model directory and
+    ``--evaluation``) that config.json records and ``--resume`` / ``merge`` compare."""
     from mhop_lens.data import load_queries
-    from mhop_lens.data.issues import describe
-    from mhop_lens.data.vocab import check_vocabulary
-    from mhop_lens.models import load_model, resolve
-    from mhop_lens.runs import RunStore, parse_shard
+    from mhop_lens.models import resolve
+    from mhop_lens.runs import fingerprint_model, fingerprint_path, parse_shard
 
     queries = load_queries(kw["data"], limit=kw["limit"], shard=kw["shard"] if shard else None,
                            on_error=kw["on_error"])
     parse_shard(kw["shard"])
-    resolve(kw["model"])  # a bad --data, --shard or --model fails before the run directory is created
+    model = resolve(kw["model"])
+    data_path, split = data_file(kw["data"])
+    inputs = {"data": {**fingerprint_path(data_path), "split": split}, "model": fingerprint_model(model)}
+    if kw.get("evaluation"):
+        inputs["evaluation"] = fingerprint_path(kw["evaluation"])
+    return queries, inputs
+
+
+def data_file(spec: str) -> tuple[str, str | None]:
+    """The file a --data spec reads, and the organism split it names (``organism:heldout``) if any."""
+    from pathlib import Path
+
+    from mhop_lens.data.organism import organism_world_path
+
+    name, _, split = str(spec).partition(":")
+    if name == "organism":
+        return str(organism_world_path()), split or None
+    if not str(spec).endswith((".json", ".csv")) and (Path(spec) / "world.json").is_file():
+        return str(Path(spec) / "world.json"), None
+    return str(spec), None
+
+
+def setup_sweep(verb: str, kw: dict, shard: bool = True):
+    """Queries, run store and model of a sweep verb: inputs checked and fingerprinted, ``--out`` checked against an
+    earlier run there (read-only), the model loaded, and only then the run directory locked, checked again and
+    written (a failed setup leaves nothing that blocks the corrected command).
+
+    ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
+    ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
+    """
+    from mhop_lens.data.issues import describe
+    from mhop_lens.models import load_model
+    from mhop_lens.runs import RunStore
+
+    queries, inputs = check_inputs(kw, shard)
+    store_args = (kw["out"], verb, kw, kw["resume"])
+    store_kw = {"inputs": inputs, "overwrite": kw.get("overwrite", False)}
+    RunStore.precheck(*store_args, **store_kw)  # refuse at once, before loading a large model
     model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
-    queries = check_vocabulary(model, queries, kw["on_error"], source=kw["data"])  # docs/data.md, "Unknown words"
-    if check is not None:
-        check(queries)
-    store = RunStore(kw["out"], verb, kw, kw["resume"])
+    threads = set_threads(model, kw["threads"])
+    store = RunStore(*store_args, **store_kw)  # checks again under the directory lock, then writes config.json
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta.setdefault(_STORES, []).append(store)
     if queries.issues:
         message = f"skipped {describe(queries.issues)}"
         click.echo(message, err=True)
         store.log(message)
         for issue in queries.issues:
             store.log(f"skipped {issue}")
-    store.log(f"torch threads: {set_threads(model, kw['threads'])}")
+    store.log(f"torch threads: {threads}")
     store.log(f"{len(queries)} queries from {kw['data']!r}; model {kw['model']!r} ({model.cfg.n_layers} layers)")
     return store, model, queries

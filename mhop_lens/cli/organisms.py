@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from mhop_lens.cli.common import friendly_errors
 from mhop_lens.cli.options import POSITIVE
 
 
@@ -76,15 +77,19 @@ def organism_group(name: str, package: str, summary: str, train_help: str,
     @click.option("--seed", default=0, show_default=True, help="Seeds the data, the initialisation and the batches.")
     @click.option("--steps", type=POSITIVE, default=None, help="Optimizer steps (default: the shipped recipe's).")
     @click.option("--seconds", type=float, default=None, help="Optional wall-clock cap for this session.")
-    @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt if present.")
-    def train_cmd(out: str, seed: int, steps: int | None, seconds: float | None, resume: bool) -> None:
+    @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors (same --seed).")
+    @click.option("--overwrite", is_flag=True, help="Train a new model into an OUT that already holds one.")
+    @friendly_errors
+    def train_cmd(out: str, seed: int, steps: int | None, seconds: float | None, resume: bool,
+                  overwrite: bool) -> None:
         trainer = importlib.import_module(f"{package}.train")
         cfg = trainer.TrainConfig(seed=seed, seconds=seconds, **({} if steps is None else {"steps": steps}))
         args = ["mhop-lens", name, "train", "--out", out, "--seed", str(seed)]
         args += ["--steps", str(steps)] if steps is not None else []
         args += ["--seconds", str(seconds)] if seconds is not None else []
         args += ["--resume"] if resume else []
-        metrics = trainer.train(out, cfg, resume=resume, command=shlex.join(args))
+        args += ["--overwrite"] if overwrite else []
+        metrics = trainer.train(out, cfg, resume=resume, command=shlex.join(args), overwrite=overwrite)
         print_metrics(metrics)
         _print_common(metrics, Path(out))
 
@@ -114,7 +119,7 @@ organism = organism_group(
     "organism", "mhop_lens.organism",
     "The two-hop model organism: a small GPT-2 trained on a seeded world of made-up facts.",
     "Generate the world and train the two-hop organism into OUT (config, weights, tokenizer, world.json, "
-    "metrics.json, and checkpoint.pt with the optimizer state for --resume).",
+    "metrics.json, and checkpoint.safetensors with the optimizer state for --resume).",
     _print_two_hop,
 )
 organism_gar = organism_group(

@@ -1,7 +1,8 @@
 """Train the organism: a 4-layer GPT-2 on a World's one-hop and trained two-hop facts (answer-only loss).
 
 Plain torch/HF. Deterministic for a given seed and step count (one thread); checkpoints model, optimizer, step,
-sampler RNG and the accuracy curve to DIR/checkpoint.pt so an interrupted run resumes where it stopped.
+sampler RNG and the accuracy curve to DIR/checkpoint.safetensors (tensors + JSON, no pickle) so an interrupted run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mhop_lens.organism.world import World
-from mhop_lens.training import sha256, warmup_cosine, word_tokenizer
+from mhop_lens.training import (
+    CHECKPOINT,
+    check_seed,
+    load_state,
+    prepare_output,
+    save_state,
+    sha256,
+    warmup_cosine,
+    word_tokenizer,
+)
 
-CHECKPOINT = "checkpoint.pt"
 SPLITS = ("one_hop", "two_hop_train", "two_hop_heldout")
 
 
@@ -157,10 +166,13 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, cfg.warmup, cfg.steps)
 
 
-def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str | None = None) -> dict:
+def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str | None = None,
+          overwrite: bool = False) -> dict:
     """Train into `out`; write config.json, model.safetensors, tokenizer, world.json, metrics.json.
 
-    With resume=True and out/checkpoint.pt present, continue from it (same world, config and sampler state).
+    With resume=True and out/checkpoint.safetensors present, continue from it (same world, config and sampler
+    state; a different ``cfg.seed`` is an error). A directory that already holds a trained model is only
+    replaced with ``overwrite=True``.
     `cfg.seconds` caps this session's wall-clock time; the run then stops early and says so in metrics.
     metrics["seconds"] is wall-clock from start to final evaluation (summed over resumed sessions);
     "cpu_seconds" is this process's CPU time, which is what the run costs on an unshared core.
@@ -170,8 +182,10 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
-    state = torch.load(ckpt_path, weights_only=False) if resume and ckpt_path.exists() else None
+    resume_from = prepare_output(out, resume, overwrite)
+    state = load_state(resume_from) if resume_from is not None else None
     if state is not None:
+        check_seed(state["config"], cfg.seed, ckpt_path)
         cfg = TrainConfig(**{**state["config"], "seconds": cfg.seconds, "steps": cfg.steps})
         world = World.load(out / "world.json")
     else:
@@ -201,12 +215,12 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         return cpu_elapsed + time.process_time() - cpu_start
 
     def checkpoint() -> None:
-        torch.save(
+        save_state(
+            ckpt_path,
             {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "generator": gen.get_state(), "step": step, "seconds": seconds(),
              "cpu_seconds": cpu_seconds(), "curve": curve,
              "config": asdict(cfg)},
-            ckpt_path,
         )
 
     stopped_early = False

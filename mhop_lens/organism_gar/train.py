@@ -8,7 +8,8 @@ generation answer inside the Yes/No prompt, which Yes/No judgement can then comp
 ``yesno_from`` (6,500) a Yes/No phase follows: fresh AdamW (constant lr, weight decay 0.01), 90% of the GAR rows
 Yes/No counter-pairs on 2-item contexts; Yes/No jumps to >0.9 within ~3k phase steps (seed 0). Contexts of the
 held-out evaluation never occur in training. Deterministic for a seed and step count (one thread);
-DIR/checkpoint.pt holds model, optimizer, scheduler, sampler state and curve, so a stopped run resumes.
+DIR/checkpoint.safetensors (tensors + JSON, no pickle) holds model, optimizer, scheduler, sampler state and
+curve, so a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -36,9 +37,7 @@ from mhop_lens.organism_gar.world import (
     rows_of,
     vocab,
 )
-from mhop_lens.training import sha256, warmup_cosine
-
-CHECKPOINT = "checkpoint.pt"
+from mhop_lens.training import CHECKPOINT, check_seed, load_state, prepare_output, save_state, sha256, warmup_cosine
 
 
 @dataclass
@@ -203,9 +202,12 @@ def _optimizer(model, cfg: TrainConfig, yesno_phase: bool):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str | None = None) -> dict:
-    """Train into ``out``: config.json, model.safetensors, tokenizer, world.json, metrics.json, checkpoint.pt.
+def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str | None = None,
+          overwrite: bool = False) -> dict:
+    """Train into ``out``: config.json, model.safetensors, tokenizer, world.json, metrics.json, checkpoint.safetensors.
 
+    ``resume`` continues the checkpoint (a different ``cfg.seed`` is an error); a directory that already holds a
+    trained model is only replaced with ``overwrite=True``.
     ``cfg.seconds`` caps this session's wall-clock time (the run stops early and says so; resume continues).
     """
     from mhop_lens.organism_gar.evaluate import eval_set, full_metrics, held_out_contexts
@@ -214,8 +216,10 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
-    state = torch.load(ckpt_path, weights_only=False) if resume and ckpt_path.exists() else None
+    resume_from = prepare_output(out, resume, overwrite)
+    state = load_state(resume_from) if resume_from is not None else None
     if state is not None:
+        check_seed(state["config"], cfg.seed, ckpt_path)
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
         cfg = TrainConfig(**{**saved, "seconds": cfg.seconds, "steps": cfg.steps})
     world = build_world()
@@ -253,10 +257,11 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         return elapsed + time.perf_counter() - start
 
     def checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "stream": stream.state(), "step": step, "seconds": seconds(),
-                    **({"yn_stream": yn_stream.state()} if yesno_phase else {}),
-                    "curve": curve, "config": asdict(cfg)}, ckpt_path)
+        save_state(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                               "stream": stream.state(), "step": step, "seconds": seconds(),
+                               **({"yn_stream": yn_stream.state()} if yesno_phase else {}),
+                               "curve": curve, "config": asdict(cfg)})
 
     n_rep = round(cfg.rep_fraction * cfg.batch_size)
     stopped_early = False
