@@ -168,15 +168,17 @@ def data_file(spec: str) -> tuple[str, str | None]:
     return str(spec), None
 
 
-def setup_sweep(verb: str, kw: dict, shard: bool = True):
+def setup_sweep(verb: str, kw: dict, shard: bool = True, check: Callable | None = None):
     """Queries, run store and model of a sweep verb: inputs checked and fingerprinted, ``--out`` checked against an
-    earlier run there (read-only), the model loaded, and only then the run directory locked, checked again and
-    written (a failed setup leaves nothing that blocks the corrected command).
+    earlier run there (read-only), the model loaded, the queries checked against its vocabulary (docs/data.md,
+    "Unknown words") and by the verb's own ``check(queries)``, and only then the run directory locked, checked
+    again and written (a failed setup leaves nothing that blocks the corrected command).
 
     ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
     ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
     """
     from mhop_lens.data.issues import describe
+    from mhop_lens.data.vocab import check_vocabulary
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
@@ -185,6 +187,9 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True):
     store_kw = {"inputs": inputs, "overwrite": kw.get("overwrite", False)}
     RunStore.precheck(*store_args, **store_kw)  # refuse at once, before loading a large model
     model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
+    queries = check_vocabulary(model, queries, kw["on_error"], source=kw["data"])
+    if check is not None:
+        check(queries)
     threads = set_threads(model, kw["threads"])
     store = RunStore(*store_args, **store_kw)  # checks again under the directory lock, then writes config.json
     ctx = click.get_current_context(silent=True)
