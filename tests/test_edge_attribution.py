@@ -1,5 +1,6 @@
 """Edge AtP: the split-input flag is harmless and restored, edge AtP is the first-order exact edge effect, incoming
-edges of a head side sum to its whole-input AtP, and the cost is 2 forwards + 1 backward."""
+edges of a head side sum to its whole-input AtP, and the cost is 2 forwards + 1 backward. EAP-IG: one step is edge
+AtP, and with many steps the embeddings' edges sum to the whole metric change (integrated gradients' completeness)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mhop_lens import hooks
 from mhop_lens.analyses import metrics
 from mhop_lens.analyses.attribution import aligned_pairs
 from mhop_lens.analyses.edge_attribution import (
+    ALL_SIDES,
     EDGE_KEYS,
     aggregate_edges,
     attribute_edges,
@@ -78,6 +80,41 @@ def test_edge_atp_is_the_first_order_exact_edge_effect(tiny_models, arch):
         kv = m[m["side"].isin(["k", "v"])]
         assert kv["down"].str.contains("KV").all() and kv["down_head"].max() == hooks.n_kv_heads(model) - 1
         assert m.loc[m["side"] == "q", "down_head"].max() == model.cfg.n_heads - 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_mlp_input_edges_are_first_order_exact(tiny_models, arch):
+    """MLP-input edges (hook_mlp_in; same-layer heads feed the MLP except in parallel blocks, neox)."""
+    model = tiny_models[arch]
+    clean, corrupt, metric = _pairs(model)
+    atp = attribute_edges(model, clean, corrupt, metric, sides=("mlp",), output=False)
+    same_layer = atp[(atp["up_kind"] == "head") & (atp["up_layer"] == atp["down_layer"])]
+    assert len(same_layer) > 0 if arch == "gpt2" else len(same_layer) == 0
+    lin = exact_edge_patching(model, clean, corrupt, metric, atp, alpha=ALPHA)
+    m = atp.merge(lin, on=["pair"] + EDGE_KEYS)
+    assert len(m) == len(atp) and set(m["down"]) == {"L0 mlp", "L1 mlp"}
+    scale = m["atp"].abs().max()
+    assert scale > 0 and (m["atp"] - m["exact"] / ALPHA).abs().max() < 0.02 * scale
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_eap_ig_one_step_is_edge_atp_and_many_steps_are_complete(tiny_models, arch):
+    """ig_steps=1 interpolates at alpha = 0 only: the corrupted run, so the scores and the passes are AtP's. Over
+    the complete graph the embeddings' edges carry every path from the input, so their EAP-IG sum tends to
+    metric(clean) - metric(corrupted) as the steps grow (left Riemann sum: error ~ 1/steps); AtP's does not."""
+    model = tiny_models[arch]
+    clean, corrupt, metric = _pairs(model)
+    atp = attribute_edges(model, clean, corrupt, metric, sides=ALL_SIDES)
+    one = attribute_edges(model, clean, corrupt, metric, sides=ALL_SIDES, ig_steps=1)
+    assert np.array_equal(one["eap_ig"].to_numpy(), atp["atp"].to_numpy())
+    assert one.attrs["forwards_per_batch"] == 2 and one.attrs["backwards_per_batch"] == 1
+    many = attribute_edges(model, clean, corrupt, metric, sides=ALL_SIDES, ig_steps=64, max_rows=64)
+    chunks = -(-64 // (64 // len(clean)))   # steps run as copies, 64 rows per forward
+    assert many.attrs["forwards_per_batch"] == 1 + chunks and many.attrs["backwards_per_batch"] == chunks
+    gap = (many.groupby("pair")["metric_clean"].first() - many.groupby("pair")["metric_corrupt"].first()).to_numpy()
+    err_ig = np.abs(many[many["up_kind"] == "embed"].groupby("pair")["eap_ig"].sum().to_numpy() - gap)
+    err_atp = np.abs(atp[atp["up_kind"] == "embed"].groupby("pair")["atp"].sum().to_numpy() - gap)
+    assert err_ig.max() < 0.05 * np.abs(gap).max() and err_ig.sum() < 0.5 * err_atp.sum()
 
 
 def test_incoming_edges_sum_to_the_whole_side_input(tiny_models):

@@ -253,6 +253,17 @@ def _with_pair_ids(frame: pd.DataFrame, pair_ids: Sequence | None) -> pd.DataFra
     return frame
 
 
+def _capture_copy(store: dict, key) -> Callable:
+    """Keep (and pass on) a copy of the hook's input, so its gradient is that of this reader only: the bridge
+    hands ``hook_mlp_in`` the residual tensor itself, whose gradient also carries every later layer's use."""
+
+    def hook(act, hook):
+        store[key] = act.clone()
+        return store[key]
+
+    return hook
+
+
 def _interpolate_input(clean_embed: Tensor, alphas: Tensor) -> Callable:
     """Block-0 input of copy k of the corrupted batch moved to ``corrupt + alphas[k] (clean - corrupt)``."""
 
@@ -291,9 +302,9 @@ def _edge_batch(model, batch: PairBatch, metric: Metric, up_names, down_names, u
         if ig_steps > 0:
             fwd.append((up_names[("embed", 0)], _interpolate_input(clean_acts[("embed", 0)], chunk)))
         fwd += [(n, capture_into(acts, key)) for key, n in up_names.items()] if i == 0 else []
-        fwd += [(n, capture_into(grads_at, (l, s))) for l, s, n in down_names]
+        fwd += [(n, _capture_copy(grads_at, (l, s))) for l, s, n in down_names]
         if output:
-            fwd.append((FINAL, capture_into(grads_at, (model.cfg.n_layers, "out"))))
+            fwd.append((FINAL, _capture_copy(grads_at, (model.cfg.n_layers, "out"))))
         fwd += counting_hooks(counter)
         with torch.enable_grad():
             m = metric(end_logits(run(model, corrupt.repeat(k), fwd), corrupt, k), rows.repeat(k))
