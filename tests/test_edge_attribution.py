@@ -225,7 +225,7 @@ def test_circuit_figure_draws_head_to_head_edges_by_size_and_sign(tiny_models):
 def test_eap_ig_moves_the_strong_edges_toward_exact_path_patching_on_the_gar_organism():
     """Plain edge AtP misses the saturated embed -> L0H1.v edge (exact +6.5, AtP +1.1 on these pairs); EAP-IG with
     10 steps recovers it and correlates better with exact path patching over the edges either method nominates.
-    (Over all 479 edges the signed Spearman does not improve: measured in docs/heads.md, "EAP-IG".)"""
+    (Over all 479 edges the signed Spearman does not improve: measured in docs/patterns/find-a-faithful-circuit.md.)"""
     from scipy.stats import pearsonr
 
     from mhop_lens.analyses.heads import counter_pairs
