@@ -65,7 +65,8 @@ lens = run_lens(model, sample, positions=("last",))
 lens.head()
 
 # %% [markdown]
-# ## One figure, saved offline (HTML with plotly.js inlined; PNG/PDF where Chromium is installed)
+# ## One figure, saved offline (HTML loading the `plotly.min.js` written beside it; PNG/PDF where Chromium is
+# installed; `plotlyjs="inline"` writes a single file instead)
 
 # %%
 fig = viz.fig_lens(lens, ev)
@@ -75,4 +76,4 @@ fig
 
 # %%
 assert len(lens) == len(sample) * 3 * model.cfg.n_layers
-assert (paths[0].suffix == ".html") and paths[0].stat().st_size > 1_000_000
+assert (paths[0].suffix == ".html") and (paths[0].parent / "plotly.min.js").stat().st_size > 1_000_000

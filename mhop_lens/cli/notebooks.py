@@ -72,8 +72,10 @@ def render_notebooks(sources: list[Path], out_dir: Path, timeout: int = 900, ech
                 try:
                     client.execute()
                 except nbclient.exceptions.CellExecutionError as e:
-                    first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                    raise MhopLensError(f"{src.name} failed while executing: {first}") from None
+                    lines = [line for line in str(e).splitlines() if line.strip()]
+                    where = next((line.strip() for line in reversed(lines) if line.lstrip().startswith("---->")), "")
+                    raise MhopLensError(f"{src.name} failed while executing: {lines[-1] if lines else type(e).__name__}"
+                                        + (f" at {where}" if where else "")) from None
             nb.metadata.pop("widgets", None)
             body, _ = exporter.from_notebook_node(nb)
             page = out_dir / f"{src.stem}.html"
