@@ -42,6 +42,11 @@ def _require_tools():
     return jupytext, nbclient, nbconvert
 
 
+def _plain(text: str) -> str:
+    """Text without terminal colour codes (tracebacks from the kernel carry them)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+
+
 def offline_page(body: str) -> str:
     """The page with remote scripts removed and the inlined plotly.js bundle replaced by the shared file."""
     from plotly.offline import get_plotlyjs
@@ -51,14 +56,17 @@ def offline_page(body: str) -> str:
 
 
 def render_notebooks(sources: list[Path], out_dir: Path, timeout: int = 900, echo=print) -> list[Path]:
-    """Execute each percent source and write ``out_dir/<stem>.html``, ``plotly.min.js`` and ``index.html``."""
+    """Execute each percent source and write ``out_dir/<stem>.html``, ``plotly.min.js`` and ``index.html``.
+
+    A notebook that fails is reported and skipped; the others are still written, then one error names the
+    failures."""
     jupytext, nbclient, nbconvert = _require_tools()
     from plotly.offline import get_plotlyjs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PLOTLY_JS).write_text(get_plotlyjs(), encoding="utf-8")
     exporter = nbconvert.HTMLExporter(template_name="lab")
-    pages = []
+    pages, failures = [], []
     # the kernel inherits the environment: figures as text/html (which nbconvert renders), no widget progress bars
     # (their pages would need the jupyter-widgets manager from a CDN)
     previous = {k: os.environ.get(k) for k in ENV}
@@ -72,10 +80,10 @@ def render_notebooks(sources: list[Path], out_dir: Path, timeout: int = 900, ech
                 try:
                     client.execute()
                 except nbclient.exceptions.CellExecutionError as e:
-                    lines = [line for line in str(e).splitlines() if line.strip()]
-                    where = next((line.strip() for line in reversed(lines) if line.lstrip().startswith("---->")), "")
-                    raise MhopLensError(f"{src.name} failed while executing: {lines[-1] if lines else type(e).__name__}"
-                                        + (f" at {where}" if where else "")) from None
+                    lines = [_plain(line) for line in str(e).splitlines() if line.strip()]
+                    failures.append(f"{src.name}: {lines[-1] if lines else type(e).__name__}")
+                    echo(f"failed {failures[-1]}")
+                    continue
             nb.metadata.pop("widgets", None)
             body, _ = exporter.from_notebook_node(nb)
             page = out_dir / f"{src.stem}.html"
@@ -92,6 +100,9 @@ def render_notebooks(sources: list[Path], out_dir: Path, timeout: int = 900, ech
     (out_dir / "index.html").write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mhop_lens "
                                         f"notebooks</title></head>\n<body><h1>mhop_lens notebooks</h1>\n<ul>\n{links}"
                                         "\n</ul></body></html>\n", encoding="utf-8")
+    if failures:
+        raise MhopLensError(f"{len(failures)} of {len(sources)} notebooks failed while executing ("
+                            + "; ".join(failures) + f"); the other pages are in {out_dir}.")
     return pages
 
 
