@@ -139,7 +139,9 @@ def test_circuit_figure_draws_the_circuit_at_the_chosen_faithfulness_and_only_sp
     n = smallest_faithful(curve, 0.5)
     assert f"top {n} edges" in fig.layout.title.text
     drawn = [t for t in fig.data if isinstance(t.hovertext, str) and "edge = " in t.hovertext]
-    assert 0 < len(drawn) <= n
+    from_heads = [t for t in drawn if t.hovertext.startswith("L")]
+    into = {t.hovertext.split(" -> ")[1].split(":")[0] for t in drawn if not t.hovertext.startswith("L")}
+    assert 0 < len(from_heads) + len(into) <= n        # circuit edges only (a span edge is a part of one)
     span_traces = [t for t in fig.data if t.name == "input span"]
     if span_traces:
         shown = set(span_traces[0].text)

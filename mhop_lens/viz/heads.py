@@ -77,13 +77,17 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
     table = scores[scores["group"] == "all"] if "group" in scores.columns else scores
     value = value or next(c for c in VALUE_COLUMNS if c in table.columns)
     top = top if top is not None else select(table, k, by=value)
-    nodes = top.merge(table, on=["layer", "head"], how="left", suffixes=("", "_s"))
     n_layers = int(table["layer"].max()) + 1
-    title = f"Circuit of the top {len(nodes)} heads: role spans -> heads -> answer"
+    title = f"Circuit of the top {len(top)} heads: role spans -> heads -> answer"
+    out_edges = None
     if edges is not None and curve is not None:
         edges, n, faith = _at_faithfulness(edges, curve, target)
         max_edges = n
-        title = f"Circuit of the top {n} edges (faithfulness {faith:.2f}, target {target:.2f})"
+        top = _circuit_heads(select(table, len(table), by=value), edges)
+        out_edges = _output_edges(edges)
+        title = (f"Circuit of the top {n} edges (faithfulness {faith:.2f}, target {target:.2f}): its heads and "
+                 "their edges; MLPs not drawn")
+    nodes = top.merge(table, on=["layer", "head"], how="left", suffixes=("", "_s"))
     role_cols = [c for c in table.columns if c.startswith("attn_d_")]
     attn_roles = roles or tuple(c.removeprefix("attn_d_") for c in role_cols)
     head_y = {}
@@ -99,7 +103,7 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
             if pd.notna(d) and abs(d) >= min_edge:
                 span_edges.append((role, key, abs(d), "#56B4E9" if d > 0 else "#E69F00",
                                    f"{role} -> L{key[0]}H{key[1]}: attention d = {d:+.2f}"))
-    if edges is not None and "span" in edges.columns:
+    if edges is not None and ("span" in edges.columns or curve is not None):
         span_edges += _span_edges(edges, head_y, max_edges)
     roles_drawn = [r for r in dict.fromkeys(e[0] for e in span_edges)]
     role_y = {r: i * (n_rows - 1) / max(len(roles_drawn) - 1, 1) for i, r in enumerate(roles_drawn)}
@@ -110,9 +114,15 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
     for _, row in nodes.iterrows():
         key = (int(row["layer"]), int(row["head"]))
         v = float(row[value])
-        fig.add_trace(_edge(key[0] + 1, head_y[key], n_layers + 1, out_y,
-                            1 + 4 * abs(v) / (nodes[value].abs().max() or 1),
-                            TYPE_COLORS[row["type"]], f"L{key[0]}H{key[1]} -> output: {value} = {v:+.3f}"))
+        if out_edges is None:
+            fig.add_trace(_edge(key[0] + 1, head_y[key], n_layers + 1, out_y,
+                                1 + 4 * abs(v) / (nodes[value].abs().max() or 1),
+                                TYPE_COLORS[row["type"]], f"L{key[0]}H{key[1]} -> output: {value} = {v:+.3f}"))
+        elif key in out_edges:
+            e = out_edges[key]
+            fig.add_trace(_edge(key[0] + 1, head_y[key], n_layers + 1, out_y,
+                                1 + 5 * abs(e) / (max(abs(x) for x in out_edges.values()) or 1),
+                                EDGE_COLORS[1 if e >= 0 else -1], f"L{key[0]}H{key[1]} -> output: edge = {e:+.4g}"))
     if edges is not None:
         for trace in _head_edges(edges, head_y, max_edges):
             fig.add_trace(trace)
@@ -160,14 +170,47 @@ def _at_faithfulness(edges: pd.DataFrame, curve: pd.DataFrame, target: float) ->
     return inside, n, float(top[n])
 
 
+def _circuit_heads(typed: pd.DataFrame, edges: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``typed`` (a ``heads.select`` table of every head) for heads that send or receive a circuit edge
+    (a kv head's k/v edge counts for every query head reading it)."""
+    n_heads = int(typed["head"].max()) + 1
+    kv = edges.loc[edges["side"].isin(["k", "v"]), "down_head"]
+    group = n_heads // (int(kv.max()) + 1) if len(kv) and edges["down"].astype(str).str.contains("KV").any() else 1
+    keys = {(int(a), int(b)) for a, b in edges.loc[edges["up_kind"] == "head", ["up_layer", "up_head"]].to_numpy()}
+    for layer, head, side in edges.loc[edges["side"].isin(list(SIDE_DASH)),
+                                       ["down_layer", "down_head", "side"]].itertuples(index=False):
+        heads = [head] if side == "q" or group == 1 else range(head * group, (head + 1) * group)
+        keys |= {(int(layer), int(h)) for h in heads}
+    keep = [(int(a), int(b)) in keys for a, b in zip(typed["layer"], typed["head"], strict=True)]
+    return typed[keep]
+
+
+def _output_edges(edges: pd.DataFrame) -> dict[tuple[int, int], float]:
+    """Mean score of each head -> output edge of the frame, by (layer, head)."""
+    out = edges[(edges["up_kind"] == "head") & (edges["side"] == "out")]
+    if out.empty:
+        return {}
+    value = next(c for c in ("exact", "eap_ig", "atp", "mean") if c in out.columns)
+    if "pair" in out.columns:
+        out = out.groupby(["pair", "up_layer", "up_head"])[value].sum().groupby(["up_layer", "up_head"]).mean()
+    else:
+        out = out.set_index(["up_layer", "up_head"])[value]
+    return {(int(a), int(b)): float(v) for (a, b), v in out.items()}
+
+
 def _span_edges(edges: pd.DataFrame, head_y: dict[tuple[int, int], float], max_edges: int) -> list[tuple]:
-    """(span, head, width, colour, hover) for the strongest span -> drawn head edges of per-span embedding edges."""
+    """(span, head, width, colour, hover) for the strongest span -> drawn head edges of per-span embedding edges
+    (without a ``span`` column, one input node "embeddings")."""
     value = next(c for c in ("exact", "eap_ig", "atp", "mean") if c in edges.columns)
+    edges = edges if "span" in edges.columns else edges.assign(span="embeddings")
     part = edges[(edges["up_kind"] == "embed") & edges["side"].isin(list(SIDE_DASH)) & (edges["span"] != "other")]
+    if "down" in part.columns:  # a GQA kv head is not one drawn head: its span edges are left out
+        part = part[~part["down"].astype(str).str.contains("KV")]
     if part.empty:
         return []
     if "pair" in part.columns:
-        part = part.groupby(["span", "down_layer", "down_head", "side"])[value].mean().reset_index()
+        part = part.groupby(["pair", "span", "down_layer", "down_head", "side"])[value].sum()
+        part = part.groupby(["span", "down_layer", "down_head", "side"]).mean().reset_index()
     part = part.reindex(part[value].abs().sort_values(ascending=False).index)
     part = part[[(int(a), int(b)) in head_y for a, b in zip(part["down_layer"], part["down_head"], strict=True)]]
     part = part.head(max_edges)
