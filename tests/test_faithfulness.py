@@ -147,3 +147,26 @@ def test_circuit_figure_draws_the_circuit_at_the_chosen_faithfulness_and_only_sp
         shown = set(span_traces[0].text)
         with_edges = {t.hovertext.split(" -> ")[0] for t in drawn}
         assert shown <= with_edges and "other" not in shown
+
+
+def test_attribute_command_writes_eap_ig_edges_and_faithfulness(organism, tmp_path):
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from mhop_lens.cli import main
+
+    out = tmp_path / "run"
+    args = ["attribute", "--model", "organism", "--data", "organism", "--limit", "8", "--sites", "z", "--edges",
+            "--edge-method", "eap-ig", "--edge-steps", "2", "--faithfulness", "--random-circuits", "3", "--out",
+            str(out), "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    edges = pd.read_parquet(out / "edges.parquet")
+    assert "eap_ig" in edges.columns and "mlp" in set(edges["side"])
+    summary = pd.read_parquet(out / "faithfulness_summary.parquet")
+    assert set(summary["level"]) == {"heads", "edges"}
+    curve = pd.read_parquet(out / "faithfulness.parquet")
+    full = curve[curve["kind"] == "full"]
+    assert np.allclose(full["faithfulness"], 1.0) and "faithfulness of the top-n edges" in result.output
+    bad = CliRunner().invoke(main, args[:-4] + ["--edge-steps", "0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "--edge-steps must be >= 1" in bad.output
