@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom on the shipped organism (CPU), so the teaching material cannot rot.
+"""Every notebook runs top to bottom on the shipped organism (CPU), so the teaching material cannot rot; each is a
+jupytext percent source (notebooks/NAME.py, linted by ruff) paired with its .ipynb, and the two agree.
 
 Each notebook executes in a temporary working directory (its `outputs/` land there). A notebook whose model is
 not part of this installation is skipped with the reason; any other error fails the test.
@@ -47,7 +48,19 @@ def test_notebooks_are_committed_without_outputs():
     for name in NEEDS:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type ==
-                   "code"), f"{name} holds outputs; rebuild it with `python notebooks/build.py`"
+                   "code"), f"{name} holds outputs; regenerate it from its source with `jupytext --sync notebooks/*.py`"
+
+
+def test_every_notebook_has_its_percent_source_and_they_agree():
+    jupytext = pytest.importorskip("jupytext")
+    for name in NEEDS:
+        source = (NOTEBOOKS / name).with_suffix(".py")
+        assert source.exists(), f"{name} has no percent source {source.name}"
+        assert source.read_text().startswith("# ---\n# jupyter:\n#   jupytext:\n#     formats: ipynb,py:percent")
+        paired, nb = jupytext.read(source), nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert [(c.cell_type, c.source) for c in paired.cells] == [(c.cell_type, c.source) for c in nb.cells], \
+            f"{name} and {source.name} differ: run `jupytext --sync notebooks/{source.name}`"
+        assert [c.metadata.get("tags") for c in paired.cells] == [c.metadata.get("tags") for c in nb.cells]
 
 
 def test_workshop_solutions_are_hidden():

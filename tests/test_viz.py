@@ -124,10 +124,11 @@ def _png_size(path) -> tuple[int, int]:
 
 def test_export_offline_html_and_static(hop_tables, tmp_path):
     fig = viz.fig_knockout(hop_tables["knockout"], hop_tables["evaluation"])
-    result = export.save_figures({"knockout": fig}, tmp_path)
+    result = export.save_figures({"knockout": fig}, tmp_path, plotlyjs="inline")
     html = (tmp_path / "knockout.html").read_text()
     assert not REMOTE_SCRIPT.search(html) and "require.config" not in html
     assert len(html) > 1_000_000  # plotly.js is inlined
+    assert not (tmp_path / export.PLOTLY_FILE).exists()
     if export.find_browser() is None:
         assert result.note and "no Chromium" in result.note
         return
@@ -135,6 +136,20 @@ def test_export_offline_html_and_static(hop_tables, tmp_path):
     w, h = _png_size(tmp_path / "knockout.png")
     assert (w, h) == (900 * export.PNG_SCALE, 470 * export.PNG_SCALE)
     assert (tmp_path / "knockout.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_html_pages_share_one_plotly_js_beside_them(hop_tables, tmp_path):
+    figs = {"knockout": viz.fig_knockout(hop_tables["knockout"], hop_tables["evaluation"]),
+            "stages": viz.fig_stages(hop_tables["stages"])}
+    export.save_figures(figs, tmp_path, ("html",))
+    bundle = tmp_path / export.PLOTLY_FILE
+    assert bundle.stat().st_size > 1_000_000
+    for name in figs:
+        html = (tmp_path / f"{name}.html").read_text()
+        assert len(html) < 200_000 and f'src="{export.PLOTLY_FILE}"' in html
+        assert not REMOTE_SCRIPT.search(html) and "require.config" not in html
+    with pytest.raises(ValueError, match="plotlyjs"):
+        export.write_html(figs["stages"], tmp_path / "x.html", plotlyjs="cdn")
 
 
 def test_export_without_browser_is_a_note(hop_tables, tmp_path, monkeypatch):
@@ -165,7 +180,12 @@ def test_figures_command(hop_tables, tmp_path):
     res = CliRunner().invoke(figures, ["--run", str(tmp_path), "--format", "html"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["knockout.html", "lens_last.html",
-                                                                        "lens_t1.html"]
+                                                                        "lens_t1.html", "plotly.min.js"]
+    res = CliRunner().invoke(figures, ["--run", str(tmp_path), "--format", "html", "--self-contained",
+                                       "--out", str(tmp_path / "single")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["knockout.html", "lens_last.html",
+                                                                       "lens_t1.html"]
     empty = tmp_path / "empty"
     empty.mkdir()
     res = CliRunner().invoke(figures, ["--run", str(empty)])

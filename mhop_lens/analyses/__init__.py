@@ -12,7 +12,9 @@ Circuits and heads (two-hop and GAR):
 
 - ``patching``: activation patching clean -> corrupted (residual by layer x position, per head).
 - ``attribution``: attribution patching (AtP, integrated gradients) and exact patching as its reference.
-- ``edge_attribution``: edge AtP between heads (q/k/v-side inputs) and exact path patching of edges.
+- ``edge_attribution``: edge AtP and EAP-IG between heads (q/k/v-side inputs), MLP inputs and the output, and exact
+  path patching of edges.
+- ``faithfulness``: keep the top-n edges (or heads), ablate the rest, metric recovered vs n against random circuits.
 - ``heads``: True/False-head discovery on counter-paired Yes/No data, with a random-head control.
 - ``head_interventions``: scale, zero, mean-ablate or re-point heads during evaluation, with a random control.
 

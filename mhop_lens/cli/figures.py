@@ -16,8 +16,11 @@ from mhop_lens.cli.common import friendly_errors
               help="Where to write the figures (default: RUN/figures).")
 @click.option("--format", "formats", default="html,png,pdf", show_default=True,
               help="Comma list of html, png, pdf, svg (PNG/PDF need a Chromium browser).")
+@click.option("--self-contained", is_flag=True,
+              help="Embed plotly.js in every HTML page (single files, 4.8 MB each) instead of one shared "
+                   "plotly.min.js beside them.")
 @friendly_errors
-def figures(run_dir: str, out: str | None, formats: str) -> None:
+def figures(run_dir: str, out: str | None, formats: str, self_contained: bool) -> None:
     """Rebuild the figures of a run from its parquet tables (nothing is recomputed)."""
     from mhop_lens.viz.export import save_figures
     from mhop_lens.viz.registry import build_figures, read_tables
@@ -29,7 +32,8 @@ def figures(run_dir: str, out: str | None, formats: str) -> None:
     if not figs:
         raise click.ClickException(f"none of the tables in {run_dir} ({', '.join(sorted(tables))}) makes a figure.")
     out_dir = Path(out) if out else Path(run_dir) / "figures"
-    result = save_figures(figs, out_dir, [f.strip() for f in formats.split(",") if f.strip()])
+    result = save_figures(figs, out_dir, [f.strip() for f in formats.split(",") if f.strip()],
+                          "inline" if self_contained else "shared")
     for name, paths in result.paths.items():
         click.echo(f"{name}: {', '.join(p.name for p in paths)}")
     if result.note:

@@ -1,7 +1,8 @@
 """`mhop-lens attribute` and `mhop-lens heads find | intervene`: AtP, True/False heads, head interventions.
 
 Tables: ``attribute`` -> attribution.parquet (per pair x node[, span]), nodes.parquet (mean over pairs),
-exact.parquet + agreement.json with ``--exact``, edges.parquet + edge_scores.parquet with ``--edges``;
+exact.parquet + agreement.json with ``--exact``, edges.parquet + edge_scores.parquet with ``--edges``
+(``--edge-method eap-ig``: EAP-IG), faithfulness.parquet + faithfulness_summary.parquet with ``--faithfulness``;
 ``heads find`` -> head_scores.parquet, top_heads.parquet, control.json, consistency.parquet;
 ``heads intervene`` -> interventions.parquet (per condition x task), summary.parquet.
 """
@@ -85,8 +86,18 @@ def _world(examples):
 @click.option("--per-span", is_flag=True, help="One score per role span (GAR roles / e1, r1, r2) instead of a sum.")
 @click.option("--ig-steps", type=int, default=0, show_default=True, help="Integrated-gradients steps (0 = AtP).")
 @click.option("--exact", is_flag=True, help="Also run exact patching of every node and report rank agreement.")
-@click.option("--edges", is_flag=True, help="Also score edges into the q/k/v inputs of later heads and to the output "
-                                            "(edge AtP): edges.parquet, edge_scores.parquet.")
+@click.option("--edges", is_flag=True, help="Also score edges into the q/k/v inputs of later heads, the MLP inputs "
+                                            "and the output: edges.parquet, edge_scores.parquet.")
+@click.option("--edge-method", type=click.Choice(["atp", "eap-ig"]), default="atp", show_default=True,
+              help="Edge scores: edge AtP, or EAP-IG (Hanna et al. 2024; --edge-steps input interpolations).")
+@click.option("--edge-steps", type=int, default=5, show_default=True, help="EAP-IG steps (--edge-method eap-ig).")
+@click.option("--faithfulness", is_flag=True,
+              help="Faithfulness curve of the top-n edges (with --edges) and top-n heads vs random circuits of each "
+                   "size: faithfulness.parquet, faithfulness_summary.parquet.")
+@click.option("--ablation", type=click.Choice(["counter", "mean"]), default="counter", show_default=True,
+              help="How --faithfulness ablates what is outside the circuit: the pair's corrupted run or the mean.")
+@click.option("--random-circuits", type=int, default=50, show_default=True,
+              help="Random circuits per size for the --faithfulness null distribution.")
 @friendly_errors
 def attribute(**kw) -> None:
     """Attribution patching of every head / MLP / residual node on counter-paired prompts.
@@ -121,17 +132,49 @@ def attribute(**kw) -> None:
                              if (exact["site"] == s).sum() >= 3 * len(clean)}
         info["exact"] = exact.attrs
         click.echo(f"rank agreement AtP vs exact: {info['agreement']}")
+    edges = None
     if kw["edges"]:
-        from mhop_lens.analyses.edge_attribution import aggregate_edges, attribute_edges
+        from mhop_lens.analyses.edge_attribution import ALL_SIDES, aggregate_edges, attribute_edges
 
-        edges = attribute_edges(model, clean, corrupt, metric, per_position=spans if kw["per_span"] else False,
-                                batch_size=kw["batch_size"], pair_ids=ids, progress=True)
+        steps = kw["edge_steps"] if kw["edge_method"] == "eap-ig" else 0
+        if kw["edge_method"] == "eap-ig" and steps < 1:
+            raise click.UsageError(f"--edge-steps must be >= 1 for EAP-IG, not {steps}.")
+        edges = attribute_edges(model, clean, corrupt, metric, sides=ALL_SIDES, ig_steps=steps,
+                                per_position=spans if kw["per_span"] else False, batch_size=kw["batch_size"],
+                                pair_ids=ids, progress=True)
         store.write("edges", edges)
-        store.write("edge_scores", aggregate_edges(edges, "atp"))
+        store.write("edge_scores", aggregate_edges(edges))
         info["edges"] = edges.attrs
+    if kw["faithfulness"]:
+        info["faithfulness"] = _faithfulness(kw, store, model, clean, corrupt, metric, frame, edges)
     store.write_json("attribution.json", info)
     click.echo(f"{info['forwards_per_batch']:.0f} forwards + {info['backwards_per_batch']:.0f} backward per batch; "
                f"wrote {store.dir}")
+
+
+def _faithfulness(kw: dict, store, model, clean, corrupt, metric, nodes, edges) -> dict:
+    """Faithfulness curves (heads from the z scores; edges when scored) with their random-circuit null."""
+    import pandas as pd
+
+    from mhop_lens.analyses.faithfulness import faithfulness_curve, faithfulness_summary, smallest_faithful
+
+    curves, summaries, info = [], [], {}
+    levels = [("heads", nodes[nodes["site"] == "z"])] + ([("edges", edges)] if edges is not None else [])
+    for level, scores in levels:
+        if scores.empty:
+            raise click.UsageError("--faithfulness needs head scores: include z in --sites.")
+        curve = faithfulness_curve(model, clean, corrupt, metric, scores, level=level, n_random=kw["random_circuits"],
+                                   ablation=kw["ablation"], seed=kw["seed"], batch_size=kw["batch_size"],
+                                   progress=True)
+        summary = faithfulness_summary(curve).assign(level=level)
+        curves.append(curve)
+        summaries.append(summary)
+        info[level] = dict(curve.attrs, smallest_n_at_0_8=smallest_faithful(curve, 0.8))
+        click.echo(f"faithfulness of the top-n {level} ({kw['ablation']} ablation) vs {kw['random_circuits']} random "
+                   f"circuits per n:\n{summary.drop(columns='level').round(3).to_string(index=False)}")
+    store.write("faithfulness", pd.concat(curves, ignore_index=True))
+    store.write("faithfulness_summary", pd.concat(summaries, ignore_index=True))
+    return info
 
 
 @click.group()

@@ -1,4 +1,8 @@
-"""Write figures as offline HTML (plotly.js inlined) and, where a Chromium browser is found, as PNG and PDF.
+"""Write figures as offline HTML and, where a Chromium browser is found, as PNG and PDF.
+
+HTML pages load with no network either way: by default (``plotlyjs="shared"``) every page of a folder points to one
+``plotly.min.js`` written beside it (4.8 MB once instead of per page; keep the file with the pages when copying
+them); ``plotlyjs="inline"`` writes single-file pages with plotly.js embedded (``mhop-lens figures --self-contained``).
 
 kaleido 1.x drives a Chromium-family browser through choreographer, which honours ``BROWSER_PATH`` and looks in the
 usual places (``/usr/bin/chromium``). Starting the browser costs seconds, so ``save_figures`` renders every static
@@ -20,6 +24,8 @@ FORMATS = ("html", "png", "pdf")
 STATIC = ("png", "pdf", "svg", "jpeg", "webp")
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 PNG_SCALE = 3  # ~3x the layout size in pixels: crisp at full column width in print
+PLOTLYJS = ("shared", "inline")
+PLOTLY_FILE = "plotly.min.js"
 HTML_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": PNG_SCALE}}
 
 
@@ -43,9 +49,13 @@ def find_browser() -> str | None:
     return None
 
 
-def write_html(fig: go.Figure, path: Path) -> Path:
-    """Self-contained HTML: plotly.js is embedded, nothing is fetched when the file opens."""
-    fig.write_html(path, include_plotlyjs=True, full_html=True, config=HTML_CONFIG)
+def write_html(fig: go.Figure, path: Path, plotlyjs: str = "shared") -> Path:
+    """Offline HTML: ``"shared"`` loads ``plotly.min.js`` from the page's folder (written there once, by plotly's
+    ``include_plotlyjs="directory"``), ``"inline"`` embeds plotly.js; nothing is fetched when the file opens."""
+    if plotlyjs not in PLOTLYJS:
+        raise ValueError(f"plotlyjs must be one of {PLOTLYJS}, not {plotlyjs!r}.")
+    fig.write_html(path, include_plotlyjs="directory" if plotlyjs == "shared" else True, full_html=True,
+                   config=HTML_CONFIG)
     return path
 
 
@@ -70,8 +80,9 @@ def _write_static(jobs: list[tuple[go.Figure, Path]]) -> str | None:
 
 
 def save_figures(figs: Mapping[str, go.Figure], out_dir: str | os.PathLike,
-                 formats: Iterable[str] = FORMATS) -> Exported:
-    """Write every figure as ``out_dir/<name>.<format>``; static formats share one browser session."""
+                 formats: Iterable[str] = FORMATS, plotlyjs: str = "shared") -> Exported:
+    """Write every figure as ``out_dir/<name>.<format>``; static formats share one browser session; HTML pages
+    share one ``plotly.min.js`` (``plotlyjs="inline"``: single-file pages)."""
     formats = tuple(formats)
     bad = [f for f in formats if f != "html" and f not in STATIC]
     if bad:
@@ -82,7 +93,7 @@ def save_figures(figs: Mapping[str, go.Figure], out_dir: str | os.PathLike,
     jobs = []
     for name, fig in figs.items():
         if "html" in formats:
-            result.paths[name].append(write_html(fig, out / f"{name}.html"))
+            result.paths[name].append(write_html(fig, out / f"{name}.html", plotlyjs))
         jobs += [(fig, out / f"{name}.{fmt}") for fmt in formats if fmt in STATIC]
     if jobs:
         result.note = _write_static(jobs)
@@ -92,10 +103,10 @@ def save_figures(figs: Mapping[str, go.Figure], out_dir: str | os.PathLike,
     return result
 
 
-def save_figure(fig: go.Figure, out_dir: str | os.PathLike, name: str, formats: Iterable[str] = FORMATS
-                ) -> list[Path]:
+def save_figure(fig: go.Figure, out_dir: str | os.PathLike, name: str, formats: Iterable[str] = FORMATS,
+                plotlyjs: str = "shared") -> list[Path]:
     """Write one figure (see ``save_figures``); prints the note when PNG/PDF could not be made."""
-    result = save_figures({name: fig}, out_dir, formats)
+    result = save_figures({name: fig}, out_dir, formats, plotlyjs)
     if result.note:
         print(f"note: {result.note}")
     return result.paths[name]

@@ -57,51 +57,80 @@ def fig_head_heatmap(frame: pd.DataFrame, value: str | None = None, title: str |
 
 def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 6, value: str | None = None,
                 roles: tuple[str, ...] | None = None, min_edge: float = 0.5, edges: pd.DataFrame | None = None,
-                max_edges: int = 12) -> go.Figure:
+                max_edges: int = 12, curve: pd.DataFrame | None = None, target: float = 0.8) -> go.Figure:
     """Circuit graph: input role spans (left) -> the top-k heads (placed by layer) -> the output (right).
 
     Head nodes are coloured by role ("true" heads push true statements to Yes, "false" heads to No) and sized by
     |score|. A role -> head edge is drawn where the head's attention from END to that span separates true from
-    false rows (|Cohen's d| of ``attn_d_<role>`` >= ``min_edge``); its width is |d|. Head -> output edges carry
-    the head's score. ``top``: a ``heads.select`` table (default: the k largest |score| of ``scores``).
+    false rows (|Cohen's d| of ``attn_d_<role>`` >= ``min_edge``; width |d|) or, when ``edges`` holds per-span
+    embedding edges (``attribute_edges(..., per_position=spans)``, column ``span``), from the span's edge score;
+    a span with no drawn edge is not drawn. Head -> output edges carry the head's score. ``top``: a
+    ``heads.select`` table (default: the k largest |score| of ``scores``).
     ``edges``: an ``attribute_edges`` / ``exact_edge_patching`` frame (or its ``aggregate_edges``); the
     ``max_edges`` strongest head -> head edges between the drawn heads are added, width by |mean score| and
     colour by sign, dash by the side read (q solid, k dashed, v dotted; a GQA kv head joins its query heads).
+    ``curve``: a ``faithfulness_curve`` of those edges; only the smallest top-n edge circuit reaching ``target``
+    faithfulness is drawn (the most faithful one if none does), named in the title with its faithfulness.
     """
     from mhop_lens.analyses.heads import select
 
     table = scores[scores["group"] == "all"] if "group" in scores.columns else scores
     value = value or next(c for c in VALUE_COLUMNS if c in table.columns)
     top = top if top is not None else select(table, k, by=value)
+    n_layers = int(table["layer"].max()) + 1
+    title = f"Circuit of the top {len(top)} heads: role spans -> heads -> answer"
+    out_edges = None
+    if edges is not None and curve is not None:
+        edges, n, faith = _at_faithfulness(edges, curve, target)
+        max_edges = n
+        top = _circuit_heads(select(table, len(table), by=value), edges)
+        out_edges = _output_edges(edges)
+        title = (f"Circuit of the top {n} edges (faithfulness {faith:.2f}, target {target:.2f}): its heads and "
+                 "their edges; MLPs not drawn")
     nodes = top.merge(table, on=["layer", "head"], how="left", suffixes=("", "_s"))
     role_cols = [c for c in table.columns if c.startswith("attn_d_")]
-    roles = roles or tuple(c.removeprefix("attn_d_") for c in role_cols)
-    n_layers = int(table["layer"].max()) + 1
-    fig = go.Figure()
-    role_y = {r: i for i, r in enumerate(roles)}
+    attn_roles = roles or tuple(c.removeprefix("attn_d_") for c in role_cols)
     head_y = {}
+    n_rows = max(len(attn_roles), 1)
     for _, g in nodes.groupby("layer"):
         for j, (_, row) in enumerate(g.iterrows()):
-            head_y[(int(row["layer"]), int(row["head"]))] = (j + 0.5) * (len(roles) or 1) / len(g) - 0.5
-    out_y = (len(roles) - 1) / 2 if roles else 0
+            head_y[(int(row["layer"]), int(row["head"]))] = (j + 0.5) * n_rows / len(g) - 0.5
+    span_edges = []
     for _, row in nodes.iterrows():
         key = (int(row["layer"]), int(row["head"]))
-        x, y = key[0] + 1, head_y[key]
-        for role in roles:
+        for role in attn_roles:
             d = row.get(f"attn_d_{role}", np.nan)
             if pd.notna(d) and abs(d) >= min_edge:
-                fig.add_trace(_edge(0, role_y[role], x, y, abs(d), "#56B4E9" if d > 0 else "#E69F00",
-                                    f"{role} -> L{key[0]}H{key[1]}: attention d = {d:+.2f}"))
+                span_edges.append((role, key, abs(d), "#56B4E9" if d > 0 else "#E69F00",
+                                   f"{role} -> L{key[0]}H{key[1]}: attention d = {d:+.2f}"))
+    if edges is not None and ("span" in edges.columns or curve is not None):
+        span_edges += _span_edges(edges, head_y, max_edges)
+    roles_drawn = [r for r in dict.fromkeys(e[0] for e in span_edges)]
+    role_y = {r: i * (n_rows - 1) / max(len(roles_drawn) - 1, 1) for i, r in enumerate(roles_drawn)}
+    out_y = (n_rows - 1) / 2
+    fig = go.Figure()
+    for role, key, width, color, hover in span_edges:
+        fig.add_trace(_edge(0, role_y[role], key[0] + 1, head_y[key], width, color, hover))
+    for _, row in nodes.iterrows():
+        key = (int(row["layer"]), int(row["head"]))
         v = float(row[value])
-        fig.add_trace(_edge(x, y, n_layers + 1, out_y, 1 + 4 * abs(v) / (nodes[value].abs().max() or 1),
-                            TYPE_COLORS[row["type"]], f"L{key[0]}H{key[1]} -> output: {value} = {v:+.3f}"))
+        if out_edges is None:
+            fig.add_trace(_edge(key[0] + 1, head_y[key], n_layers + 1, out_y,
+                                1 + 4 * abs(v) / (nodes[value].abs().max() or 1),
+                                TYPE_COLORS[row["type"]], f"L{key[0]}H{key[1]} -> output: {value} = {v:+.3f}"))
+        elif key in out_edges:
+            e = out_edges[key]
+            fig.add_trace(_edge(key[0] + 1, head_y[key], n_layers + 1, out_y,
+                                1 + 5 * abs(e) / (max(abs(x) for x in out_edges.values()) or 1),
+                                EDGE_COLORS[1 if e >= 0 else -1], f"L{key[0]}H{key[1]} -> output: edge = {e:+.4g}"))
     if edges is not None:
         for trace in _head_edges(edges, head_y, max_edges):
             fig.add_trace(trace)
-    fig.add_trace(go.Scatter(
-        x=[0] * len(roles), y=[role_y[r] for r in roles], mode="markers+text", text=list(roles),
-        textposition="middle left", marker=dict(size=22, color="#DDDDDD", line=dict(color="#555555", width=1)),
-        name="input span", hoverinfo="text"))
+    if roles_drawn:
+        fig.add_trace(go.Scatter(
+            x=[0] * len(roles_drawn), y=[role_y[r] for r in roles_drawn], mode="markers+text", text=roles_drawn,
+            textposition="middle left", marker=dict(size=22, color="#DDDDDD", line=dict(color="#555555", width=1)),
+            name="input span", hoverinfo="text"))
     for kind in ("true", "false"):
         part = nodes[nodes["type"] == kind]
         if part.empty:
@@ -120,10 +149,76 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
     fig.update_xaxes(tickvals=list(range(n_layers + 2)),
                      ticktext=["input"] + [f"layer {i}" for i in range(n_layers)] + ["output"],
                      range=[-0.8, n_layers + 2.6], showgrid=False)
-    fig.update_yaxes(visible=False, range=[-1, max(len(roles), 1)])
+    fig.update_yaxes(visible=False, range=[-1, n_rows])
     fig.update_layout(legend=dict(orientation="h", y=-0.12))
-    return style.apply(fig, f"Circuit of the top {len(nodes)} heads: role spans -> heads -> answer", width=1000,
-                       height=520)
+    return style.apply(fig, title, width=1000, height=520)
+
+
+def _at_faithfulness(edges: pd.DataFrame, curve: pd.DataFrame, target: float) -> tuple[pd.DataFrame, int, float]:
+    """The rows of ``edges`` in the smallest top-n circuit of ``curve`` reaching ``target`` (else the best one)."""
+    from mhop_lens.analyses.edge_attribution import EDGE_KEYS, aggregate_edges
+    from mhop_lens.analyses.faithfulness import smallest_faithful
+
+    require(curve, ["kind", "n", "faithfulness"], "fig_circuit(curve=...)")
+    top = curve[curve["kind"] == "top"].set_index("n")["faithfulness"]
+    n = smallest_faithful(curve, target)
+    n = int(top.idxmax()) if n is None else n
+    table = edges if "mean" in edges.columns else aggregate_edges(edges)
+    keep = table.reindex(table["mean"].abs().sort_values(ascending=False, kind="stable").index).head(n)
+    keys = [c for c in EDGE_KEYS if c in keep.columns and c in edges.columns]
+    inside = edges.merge(keep[keys].drop_duplicates(), on=keys, how="inner")
+    return inside, n, float(top[n])
+
+
+def _circuit_heads(typed: pd.DataFrame, edges: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``typed`` (a ``heads.select`` table of every head) for heads that send or receive a circuit edge
+    (a kv head's k/v edge counts for every query head reading it)."""
+    n_heads = int(typed["head"].max()) + 1
+    kv = edges.loc[edges["side"].isin(["k", "v"]), "down_head"]
+    group = n_heads // (int(kv.max()) + 1) if len(kv) and edges["down"].astype(str).str.contains("KV").any() else 1
+    keys = {(int(a), int(b)) for a, b in edges.loc[edges["up_kind"] == "head", ["up_layer", "up_head"]].to_numpy()}
+    for layer, head, side in edges.loc[edges["side"].isin(list(SIDE_DASH)),
+                                       ["down_layer", "down_head", "side"]].itertuples(index=False):
+        heads = [head] if side == "q" or group == 1 else range(head * group, (head + 1) * group)
+        keys |= {(int(layer), int(h)) for h in heads}
+    keep = [(int(a), int(b)) in keys for a, b in zip(typed["layer"], typed["head"], strict=True)]
+    return typed[keep]
+
+
+def _output_edges(edges: pd.DataFrame) -> dict[tuple[int, int], float]:
+    """Mean score of each head -> output edge of the frame, by (layer, head)."""
+    out = edges[(edges["up_kind"] == "head") & (edges["side"] == "out")]
+    if out.empty:
+        return {}
+    value = next(c for c in ("exact", "eap_ig", "atp", "mean") if c in out.columns)
+    if "pair" in out.columns:
+        out = out.groupby(["pair", "up_layer", "up_head"])[value].sum().groupby(["up_layer", "up_head"]).mean()
+    else:
+        out = out.set_index(["up_layer", "up_head"])[value]
+    return {(int(a), int(b)): float(v) for (a, b), v in out.items()}
+
+
+def _span_edges(edges: pd.DataFrame, head_y: dict[tuple[int, int], float], max_edges: int) -> list[tuple]:
+    """(span, head, width, colour, hover) for the strongest span -> drawn head edges of per-span embedding edges
+    (without a ``span`` column, one input node "embeddings")."""
+    value = next(c for c in ("exact", "eap_ig", "atp", "mean") if c in edges.columns)
+    edges = edges if "span" in edges.columns else edges.assign(span="embeddings")
+    part = edges[(edges["up_kind"] == "embed") & edges["side"].isin(list(SIDE_DASH)) & (edges["span"] != "other")]
+    if "down" in part.columns:  # a GQA kv head is not one drawn head: its span edges are left out
+        part = part[~part["down"].astype(str).str.contains("KV")]
+    if part.empty:
+        return []
+    if "pair" in part.columns:
+        part = part.groupby(["pair", "span", "down_layer", "down_head", "side"])[value].sum()
+        part = part.groupby(["span", "down_layer", "down_head", "side"]).mean().reset_index()
+    part = part.reindex(part[value].abs().sort_values(ascending=False).index)
+    part = part[[(int(a), int(b)) in head_y for a, b in zip(part["down_layer"], part["down_head"], strict=True)]]
+    part = part.head(max_edges)
+    scale = part[value].abs().max() or 1.0
+    return [(row.span, (int(row.down_layer), int(row.down_head)), 1 + 5 * abs(getattr(row, value)) / scale,
+             EDGE_COLORS[1 if getattr(row, value) >= 0 else -1],
+             f"{row.span} -> L{int(row.down_layer)}H{int(row.down_head)}.{row.side}: edge = {getattr(row, value):+.4g}")
+            for row in part.itertuples(index=False)]
 
 
 def _edge(x0: float, y0: float, x1: float, y1: float, width: float, color: str, hover: str,
@@ -137,9 +232,10 @@ def edge_table(edges: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Head -> head (q/k/v) edges with one mean score each, from a raw edge frame or ``aggregate_edges``."""
     need = ["up_kind", "up_layer", "up_head", "down_layer", "down_head", "side"]
     if "mean" not in edges.columns:
-        value = next((c for c in ("exact", "atp") if c in edges.columns), None)
+        value = next((c for c in ("exact", "eap_ig", "atp") if c in edges.columns), None)
         if value is None:
-            raise ValueError(f"no edge score column (atp / exact / mean) in the frame ({list(edges.columns)[:12]}).")
+            raise ValueError(f"no edge score column (atp / eap_ig / exact / mean) in the frame "
+                             f"({list(edges.columns)[:12]}).")
         require(edges, need + ["pair", value], "edge_table")
         edges = (edges.groupby(["pair"] + need)[value].sum().groupby(need).mean().rename("mean").reset_index())
     else:

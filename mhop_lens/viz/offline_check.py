@@ -3,7 +3,9 @@
 Each page is opened in headless Chromium (through choreographer, which kaleido already needs) with the network
 emulated offline. Every request whose URL is not ``file:``, ``data:``, ``blob:`` or ``about:`` is recorded, as is
 every failed load; after the load event the page is asked how many plotly plots (``.main-svg``) or circuitsvis
-views (children of the ``circuits-vis-*`` div) it drew. Usage: ``python -m mhop_lens.viz.offline_check DIR``.
+views (children of the ``circuits-vis-*`` div) it drew. Usage: ``python -m mhop_lens.viz.offline_check DIR
+[--max-mb N]``: for a folder it also prints the folder's total size (the shared ``plotly.min.js`` and PNG/PDF
+included) and fails above ``N`` MB (10^6 bytes).
 """
 
 from __future__ import annotations
@@ -76,9 +78,17 @@ def check_pages(paths, settle: float = 1.5) -> list[PageCheck]:
     return asyncio.run(_check_all([Path(p) for p in paths], settle))
 
 
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files in ``folder`` (not recursive)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
 def main(argv: list[str]) -> int:
+    max_mb = None
+    if len(argv) == 3 and argv[1] == "--max-mb":
+        max_mb, argv = float(argv[2]), argv[:1]
     if len(argv) != 1:
-        print("usage: python -m mhop_lens.viz.offline_check DIR_OR_HTML", file=sys.stderr)
+        print("usage: python -m mhop_lens.viz.offline_check DIR_OR_HTML [--max-mb N]", file=sys.stderr)
         return 2
     target = Path(argv[0])
     paths = sorted(target.glob("*.html")) if target.is_dir() else [target]
@@ -86,7 +96,14 @@ def main(argv: list[str]) -> int:
     for c in checks:
         status = "ok" if c.ok else "FAIL"
         print(f"{status:<5}{c.path.name}: drawn={c.drawn} remote={c.remote_requests[:3]} failed={c.failed[:3]}")
-    return 0 if all(c.ok for c in checks) else 1
+    ok = all(c.ok for c in checks)
+    if target.is_dir():
+        size = folder_bytes(target)
+        within = max_mb is None or size <= max_mb * 1e6
+        print(f"{'ok' if within else 'FAIL':<5}{target}: {size / 1e6:.2f} MB ({size / 2**20:.2f} MiB) in "
+              f"{sum(1 for p in target.iterdir() if p.is_file())} files" + (f", limit {max_mb:g} MB" if max_mb else ""))
+        ok = ok and within
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
