@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from common import compare, gpt2_small_dir, load_organism, parse_args, report
+from common import block_flops, compare, forward_flops, gpt2_small_dir, load_organism, parse_args, report, unembed_flops
 
 from mhop_lens import hooks
 from mhop_lens.analyses.patched_generation import Sampling, generate_patched
@@ -36,10 +36,14 @@ def bench(name: str, model, prompts: list[str], position: torch.Tensor, layer: i
     seconds, results, memory = compare(fns, repeats)
     same = torch.equal(results["ours (KV cache)"], results["re-run every step"])
     assert same, f"{name}: cached and re-run generations differ"
+    width, n_layers = enc.tokens.shape[1], model.cfg.n_layers
+    rerun = sum(forward_flops(model, len(prompts), width + i) for i in range(n_new))
+    cached = forward_flops(model, len(prompts), width) + len(prompts) * sum(
+        n_layers * block_flops(model, 1, width + i + 1) + unembed_flops(model, 1) for i in range(n_new - 1))
     kind = "greedy" if sampling is None else "sampled"
     ratios = report(f"{name}: {len(prompts)} rows x {enc.tokens.shape[1]} prompt tokens, {n_new} new tokens "
                     f"({kind}), patch at layer {layer}; median of {repeats}, tokens identical", seconds, memory,
-                    "ours (KV cache)")
+                    "ours (KV cache)", floor=rerun / cached)
     return ratios["re-run every step"]
 
 
@@ -47,20 +51,20 @@ def main() -> int:
     args = parse_args(__doc__.splitlines()[0])
     results = {}
     model = load_model(str(gpt2_small_dir()), device="cpu")
-    rows = 8 if args.quick else 32
+    rows = 4 if args.quick else 16
     enc = encode(model, [DEFAULT])
     placeholder = enc.position(0, find_span(DEFAULT, "x"))
     for sampling in (None, Sampling()):
         key = f"gpt2-small-shape {'greedy' if sampling is None else 'sampled'}"
         results[key] = bench("random GPT-2-small shape, description prompt", model, [DEFAULT] * rows,
-                             torch.full((rows,), placeholder), 4, 10, 3 if args.quick else 5, sampling)
+                             torch.full((rows,), placeholder), 4, 10, 2 if args.quick else 3, sampling)
     organism, queries = load_organism()
     if organism is not None:
-        qs = queries[: 100 if args.quick else 500]
+        qs = queries[: 100 if args.quick else 250]
         enc = encode(organism, [q.prompt for q in qs], padding_side="left")
         results["organism back-patching"] = bench("organism held-out prompts (back-patching at the last position)",
                                                   organism, [q.prompt for q in qs], enc.last.cpu(), 1, 10,
-                                                  3 if args.quick else 5, None)
+                                                  2 if args.quick else 3, None)
     print("\nsummary (patched generation, speedup of the KV cache over re-running every step)")
     for name, ratio in results.items():
         print(f"  {name:<34} {ratio:5.1f}x")

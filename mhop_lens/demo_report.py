@@ -162,21 +162,26 @@ def knockout_lines(run: Path) -> list[str]:
     ko = _table(run / "knockout.parquet")
     if ko is None:
         return []
+    from mhop_lens.viz._frames import with_subset
+
+    evaluation = _table(run / "evaluation.parquet")
+    ko = with_subset(ko, evaluation, fallback="clean_correct")  # the subsets the knockout figure draws
+    source = "the evaluation's subsets" if evaluation is not None else "the clean first-token answer"
     keys = ko["key_tokens"].iloc[0] if "key_tokens" in ko.columns else "span"
     out = ["## Attention knockout", "",
            f"Mean relative change of p(e3) when the edge is blocked in layers c-{int(ko['window'].iloc[0])}.."
            f"c+{int(ko['window'].iloc[0])} around the centre c where it hurts the correct queries most; correct "
-           f"and incorrect = the clean first-token answer, kept apart because pooling them changes the meaning. "
-           f"Key tokens: {keys}.", "",
+           f"and incorrect from {source} (as in the knockout figure), kept apart because pooling them changes the "
+           f"meaning; pooled = all queries of the sample. Key tokens: {keys}.", "",
            "| edge | centre c | correct | incorrect | pooled |", "|---|---|---|---|---|"]
     for edge, g in ko.groupby("edge", sort=False):
-        ok = g[g["clean_correct"].astype(bool)]
+        ok = g[g["subset"] == "correct"]
         by = (ok if len(ok) else g).groupby("centre")["e3_prob_change"].mean()
         c = int(by.idxmin())
         at = g[g["centre"] == c]
-        good = at["clean_correct"].astype(bool)
-        out.append(f"| {edge} | {c} | {relative_change(at.loc[good, 'e3_prob_change'])} | "
-                   f"{relative_change(at.loc[~good, 'e3_prob_change'])} | {relative_change(at['e3_prob_change'])} |")
+        out.append(f"| {edge} | {c} | {relative_change(at.loc[at['subset'] == 'correct', 'e3_prob_change'])} | "
+                   f"{relative_change(at.loc[at['subset'] == 'incorrect', 'e3_prob_change'])} | "
+                   f"{relative_change(at['e3_prob_change'])} |")
     return out + [""]
 
 
