@@ -43,7 +43,13 @@ from mhop_lens.analyses.partial_forward import (
     prefix_cache,
     run_from,
 )
-from mhop_lens.analyses.patched_generation import STUDY_NEW_TOKENS, decode_new, generate_patched, mentions_any
+from mhop_lens.analyses.patched_generation import (
+    STUDY_NEW_TOKENS,
+    answer_aliases,
+    decode_new,
+    generate_patched,
+    mentions_any,
+)
 from mhop_lens.analyses.variant_tokens import check_variant_path, run_variants
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
@@ -261,8 +267,7 @@ def run_backpatch(
 # the study's criterion: patched generation ----------------------------------------------------------------------
 def e3_answers(query: TwoHopQuery) -> list[str]:
     """e3's label and aliases longer than one character (the study's ``get_answers``)."""
-    label, *aliases = (a.strip() for a in query.answers("e3"))
-    return list(dict.fromkeys([label, *(a for a in aliases if len(a) > 1)]))
+    return answer_aliases(query, "e3")
 
 
 def backpatch_generations(model, clean: CleanRun, every: Sequence[TwoHopQuery], rows: Int[Tensor, " m"],

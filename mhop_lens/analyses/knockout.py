@@ -31,6 +31,13 @@ from tqdm.auto import tqdm
 from mhop_lens import hooks
 from mhop_lens.analyses import sites as S
 from mhop_lens.analyses.lens import decode_ids
+from mhop_lens.analyses.patched_generation import (
+    STUDY_NEW_TOKENS,
+    answer_aliases,
+    decode_new,
+    generate_patched,
+    mentions_any,
+)
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import DataError
 from mhop_lens.forward import last_logits
@@ -109,11 +116,16 @@ def knockout_hooks(edges: Bool[Tensor, "batch query key"], windows: Sequence[ran
 
 @torch.inference_mode()
 def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], window: int,
-                   centres: Sequence[int], batch_size: int, keys: str = "span") -> pd.DataFrame:
+                   centres: Sequence[int], batch_size: int, keys: str = "span", criterion: str = "first-token"
+                   ) -> pd.DataFrame:
     """Knockout rows of one query batch (see ``run_knockout``)."""
     n_layers = model.cfg.n_layers
+    generate = criterion in ("generate", "both")
     clean_enc = encode(model, [q.prompt for q in queries])
     clean = last_logits(model, clean_enc).float().softmax(-1).cpu()
+    if generate:
+        clean_text = decode_new(model, generate_patched(model, clean_enc, [], STUDY_NEW_TOKENS))
+        clean_gen = [mentions_any(t, answer_aliases(q)) for t, q in zip(clean_text, queries, strict=True)]
     e3 = S.entity_tokens(model, queries, "e3")
     clean_pred = clean.argmax(-1)
     t1_key = {(qi, edge): S.span_of(q, parse_edge(edge)[1]) == S.span_of(q, "t1")
@@ -126,8 +138,11 @@ def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], 
         enc = encode(model, [q.prompt for q in qs])
         mask = edge_mask(enc, qs, [e for _, e, _ in chunk], keys)
         windows = [window_layers(c, window, n_layers) for _, _, c in chunk]
-        probs = last_logits(model, enc, knockout_hooks(mask, windows, n_layers)).float().softmax(-1).cpu()
+        fwd = knockout_hooks(mask, windows, n_layers)
+        probs = last_logits(model, enc, fwd).float().softmax(-1).cpu()
         pred = probs.argmax(-1)
+        if generate:  # the study's: knockout in the prompt pass only, then cached steps
+            texts = decode_new(model, generate_patched(model, enc, fwd, STUDY_NEW_TOKENS))
         for j, (qi, edge, c) in enumerate(chunk):
             w = windows[j]
             records.append({
@@ -139,6 +154,9 @@ def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], 
                 "correct": bool(pred[j] == e3[qi]), "clean_correct": bool(clean_pred[qi] == e3[qi]),
                 "t1_key": t1_key[(qi, edge)],
             })
+            if generate:
+                records[-1] |= {"correct_generate": mentions_any(texts[j], answer_aliases(queries[qi])),
+                                "clean_correct_generate": clean_gen[qi], "generation": texts[j]}
     frame = pd.DataFrame.from_records(records)
     frame["e3_prob_change"] = (frame["e3_prob"] - frame["clean_e3_prob"]) / frame["clean_e3_prob"]
     return frame
@@ -153,12 +171,15 @@ def run_knockout(
     batch_size: int = 32,
     progress: bool = True,
     keys: str = "span",
+    criterion: str = "first-token",
 ) -> pd.DataFrame:
     """Block each edge in the window [c - window, c + window] for every centre layer c (default: all layers).
 
     ``window`` is the half-width k (0 = one layer, -1 = an empty window, which reproduces the clean run).
     ``keys``: which tokens of a key span are blocked: ``span`` (all), ``last``, ``word`` (the study's; module
-    docstring); the column ``key_tokens`` records it.
+    docstring); the column ``key_tokens`` records it. ``criterion`` "generate" or "both" adds the study's verdict:
+    ``correct_generate`` / ``clean_correct_generate`` (e3 or an alias in 10 greedy tokens generated with the
+    knockout in the prompt pass, as the study's hook skips cached steps) and ``generation``.
     ``batch_size`` counts forward rows ((query, edge, centre) triples) and queries per clean forward.
 
     One row per (query, edge, centre). Columns: ``qid, edge, centre, window, layer_lo, layer_hi`` (the blocked
@@ -174,9 +195,11 @@ def run_knockout(
         parse_edge(edge)
     if keys not in KEY_TOKENS:
         raise DataError(f"key tokens must be one of {KEY_TOKENS}, not {keys!r}.")
+    if criterion not in ("first-token", "generate", "both"):
+        raise DataError(f"criterion must be first-token, generate or both, not {criterion!r}.")
     if not queries:
         raise DataError("no queries to knock out; check --data, --limit and --shard.")
     batches = [list(queries[i : i + batch_size]) for i in range(0, len(queries), batch_size)]
-    frames = [knockout_batch(model, b, edges, window, centres, batch_size, keys)
+    frames = [knockout_batch(model, b, edges, window, centres, batch_size, keys, criterion)
               for b in tqdm(batches, desc="knockout", unit="batch", disable=not progress)]
     return pd.concat(frames, ignore_index=True)

@@ -123,6 +123,13 @@ def decode_new(model, new: Int[Tensor, "rows new"]) -> list[str]:
     return out
 
 
+def answer_aliases(query, entity: str = "e3") -> list[str]:
+    """Label and aliases longer than one character of ``entity`` of a ``TwoHopQuery`` (the study's
+    ``get_answers``)."""
+    label, *aliases = (a.strip() for a in query.answers(entity))
+    return list(dict.fromkeys([label, *(a for a in aliases if len(a) > 1)]))
+
+
 def mentions_any(text: str, answers: Sequence[str]) -> bool:
     """The study's ``check_answer_in_pred``: some answer is a case-insensitive substring of ``text`` (no word
     boundaries)."""

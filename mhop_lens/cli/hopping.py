@@ -117,6 +117,9 @@ def lens(**kw) -> None:
 @click.option("--window", type=int, default=1, show_default=True,
               help="Half-width k of the blocked layer window [c-k, c+k] (-1: empty window = clean run).")
 @click.option("--centres", default="all", show_default=True, help="'all' or a comma list of centre layers.")
+@click.option("--criterion", type=click.Choice(["first-token", "generate", "both"]), default="first-token",
+              show_default=True, help="correct = e3's first token top-1, or e3 in 10 greedy tokens (the study's; "
+                                      "knockout in the prompt pass), or both.")
 @click.option("--key-tokens", type=click.Choice(["span", "last", "word"]), default="span", show_default=True,
               help="Tokens of a key span blocked: span = all (r1 = \"'s spouse\"), last = its last token, word = "
                    "the study's relation word (r1 = \"spouse\").")
@@ -130,7 +133,7 @@ def knockout(**kw) -> None:
     def compute(chunk):
         return run_knockout(model, chunk, edges=_csv(kw["edges"]), window=kw["window"],
                             centres=_layers(kw["centres"]), batch_size=kw["batch_size"], progress=False,
-                            keys=kw["key_tokens"])
+                            keys=kw["key_tokens"], criterion=kw["criterion"])
 
     frame = store.sweep("knockout", queries, compute, key=lambda q: q.id, chunk_size=kw["batch_size"],
                         sort_by=["qid", "edge", "centre"], desc="knockout")
