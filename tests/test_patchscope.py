@@ -185,3 +185,15 @@ def test_study_protocol_rows(tiny_models):
     cached = run_patchscope(model, queries, seed=5, **{**kw, "protocol": "default", "max_new_tokens": 10})
     rerun = run_patchscope(model, queries, seed=5, cached=False, **{**kw, "protocol": "default", "max_new_tokens": 10})
     assert cached.decoded.tolist() == rerun.decoded.tolist()
+
+
+def test_describe_line_counts_without_na():
+    """`describe` prints counts (and a share from 10 queries on), never '<NA>'."""
+    from mhop_lens.cli.hopping import describe_line
+
+    early = pd.DataFrame({"first_before_second": pd.array([True, pd.NA, False, pd.NA], dtype="boolean")})
+    line = describe_line(early)
+    assert "<NA>" not in line and "nan" not in line
+    assert line.startswith("e2@t1 before e3@t2 in 1 of 2 queries") and "2 of 4 queries lack" in line
+    many = pd.DataFrame({"first_before_second": pd.array([True] * 9 + [False] * 3, dtype="boolean")})
+    assert "(75.0%)" in describe_line(many)

@@ -91,7 +91,8 @@ def describe_line(early) -> str:
 
 @click.command()
 @run_options
-@click.option("--positions", default="last", show_default=True, help="Comma list of positions (last, t1, e1, ...).")
+@click.option("--positions", default="t1,last", show_default=True,
+              help="Comma list of positions (t1, last: the study's two; e1, r1, r2, t2).")
 @click.option("--sites", default="resid,attn_out,mlp_out", show_default=True, help="Comma list of sites.")
 @click.option("--top-k", type=int, default=5, show_default=True)
 @friendly_errors
