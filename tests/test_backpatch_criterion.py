@@ -45,7 +45,7 @@ def test_organism_first_token_fix_implies_generate_fix(organism):
     """Single-token entities: a first-token hit starts the generation with e3, so the study's criterion agrees."""
     from mhop_lens.data import load_queries
 
-    qs = list(load_queries("organism:heldout", limit=24))
+    qs = list(load_queries("organism:heldout", limit=16))
     frame = bp.run_backpatch(organism, qs, positions=("t1", "last"), criterion="both", progress=False)
     assert not (frame["correct"] & ~frame["correct_generate"]).any()
     assert not (frame["clean_correct"] & ~frame["clean_correct_generate"]).any()
