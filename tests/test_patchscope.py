@@ -197,3 +197,17 @@ def test_describe_line_counts_without_na():
     assert line.startswith("e2@t1 before e3@t2 in 1 of 2 queries") and "2 of 4 queries lack" in line
     many = pd.DataFrame({"first_before_second": pd.array([True] * 9 + [False] * 3, dtype="boolean")})
     assert "(75.0%)" in describe_line(many)
+
+
+def test_cached_generation_really_uses_the_cache(tiny_models):
+    """Where the bridge returns a filled KV cache, generation steps run one token each (not a silent re-run)."""
+    from mhop_lens.analyses.patched_generation import _cache_filled
+
+    model = tiny_models["gpt2"]
+    enc = encode(model, ["hello world x"], padding_side="left")
+    _, kv = model.run_with_hooks(enc.tokens, attention_mask=enc.attention_mask, fwd_hooks=[],
+                                 return_type="logits_and_cache", use_cache=True)
+    if not _cache_filled(kv, enc.tokens.shape[1]):
+        pytest.skip("this transformers release returns no KV cache through the bridge (issue 14): generation "
+                    "falls back to re-running every step")
+    assert kv.get_seq_length() == enc.tokens.shape[1]

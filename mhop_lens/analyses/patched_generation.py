@@ -15,6 +15,7 @@ Decoding: greedy (``sampling=None``) or seeded sampling with temperature / top-k
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ def generate_patched(
     if cached:
         logits, kv = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks),
                                           return_type="logits_and_cache", use_cache=True)
+        cached = _cache_filled(kv, tokens.shape[1])
     for step in range(max_new_tokens):
         if not cached:
             logits = run(model, Encoded(tokens, mask, enc.offsets, mask.sum(1), "left", enc.prompts), fwd_hooks)
@@ -108,6 +110,22 @@ def generate_patched(
             logits, kv = model.run_with_hooks(nxt[:, None], attention_mask=mask, fwd_hooks=[],
                                               return_type="logits_and_cache", use_cache=True, past_key_values=kv)
     return torch.stack(new, 1)
+
+
+def _cache_filled(kv, width: int) -> bool:
+    """Whether the prompt pass left a cache of all ``width`` positions. Some transformers releases (5.24) ignore
+    the cache the bridge hands over and return an empty one; then generation re-runs every step (same tokens,
+    slower) and says so once."""
+    ok = kv is not None and hasattr(kv, "get_seq_length") and kv.get_seq_length() == width
+    if not ok and not _WARNED:
+        _WARNED.append(True)
+        warnings.warn("patched generation: this transformers version returned no usable KV cache through the "
+                      "bridge; re-running the whole sequence at every generated token instead (same tokens, "
+                      "slower).", stacklevel=3)
+    return ok
+
+
+_WARNED: list[bool] = []
 
 
 def decode_new(model, new: Int[Tensor, "rows new"]) -> list[str]:
