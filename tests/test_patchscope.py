@@ -146,12 +146,18 @@ def test_kv_cached_patched_generation_equals_rerun_on_organism(organism):
 
 def test_unpatched_cached_generation_is_hf_greedy(tiny_models):
     """With no hook, the cached loop is HF's greedy generate (evaluate.generate_greedy) on a padded batch."""
-    from mhop_lens.analyses.patched_generation import generate_patched
+    from mhop_lens.analyses.patched_generation import _cache_filled, generate_patched
     from mhop_lens.evaluate import generate_greedy
 
     model = tiny_models["llama"]
     prompts = ["The spouse of the performer of Imagine is", "hello world x"]
-    ours = generate_patched(model, encode(model, prompts, padding_side="left"), [], 5)
+    enc = encode(model, prompts, padding_side="left")
+    _, kv = model.run_with_hooks(enc.tokens, attention_mask=enc.attention_mask, fwd_hooks=[],
+                                 return_type="logits_and_cache", use_cache=True)
+    if not _cache_filled(kv, enc.tokens.shape[1]):
+        pytest.skip("this transformers release fills no KV cache through the bridge (issue 14), which also breaks "
+                    "HF generate on the bridged model: nothing to compare with")
+    ours = generate_patched(model, enc, [], 5)
     hf = generate_greedy(model, dict.fromkeys(prompts, 5))
     eos = model.tokenizer.eos_token_id
     for row, p in zip(ours.tolist(), prompts, strict=True):

@@ -86,9 +86,10 @@ def generate_patched(
     """``max_new_tokens`` continuation ids of a left-padded batch whose prompt pass runs with ``fwd_hooks``.
 
     ``cached=True``: hooks active in the prompt pass only, then one-token steps over the KV cache.
-    ``cached=False``: the whole sequence re-run at every step with the hooks active (the patch touches prompt
-    positions only, so both give the same tokens). Sampling draws from one generator seeded with ``seed`` per
-    call: reproducible for a fixed batch. Rows are not stopped at end-of-sequence (cut them when decoding).
+    ``cached=False``: the whole sequence re-run at every step with the hooks active on its prompt positions
+    (``_on_prompt``; prompt positions do not see later tokens, so both give the same tokens). Sampling draws
+    from one generator seeded with ``seed`` per call: reproducible for a fixed batch. Rows are not stopped at
+    end-of-sequence (cut them when decoding).
     """
     if enc.padding_side != "left":
         raise ValueError("generate_patched needs a left-padded batch (encode(..., padding_side='left')).")
@@ -99,9 +100,11 @@ def generate_patched(
         logits, kv = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks),
                                           return_type="logits_and_cache", use_cache=True)
         cached = _cache_filled(kv, tokens.shape[1])
+    width = enc.tokens.shape[1]
+    prompt_hooks = [(name, _on_prompt(name, fn, width)) for name, fn in fwd_hooks]
     for step in range(max_new_tokens):
         if not cached:
-            logits = run(model, Encoded(tokens, mask, enc.offsets, mask.sum(1), "left", enc.prompts), fwd_hooks)
+            logits = run(model, Encoded(tokens, mask, enc.offsets, mask.sum(1), "left", enc.prompts), prompt_hooks)
         nxt = _next(logits[:, -1].float(), sampling, gen)
         new.append(nxt)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
@@ -110,6 +113,24 @@ def generate_patched(
             logits, kv = model.run_with_hooks(nxt[:, None], attention_mask=mask, fwd_hooks=[],
                                               return_type="logits_and_cache", use_cache=True, past_key_values=kv)
     return torch.stack(new, 1)
+
+
+def _on_prompt(name, fn, width: int):
+    """``fn`` applied to the prompt's ``width`` positions of a longer re-run sequence (dims 2 and 3 of attention
+    scores / patterns, dim 1 of everything else), so hooks built for the prompt (a knockout mask of the prompt's
+    shape) act on re-runs exactly as in the prompt pass; generated positions are left alone, as the study's hook
+    leaves the cached steps alone."""
+    dims = (2, 3) if isinstance(name, str) and name.endswith(("attn_scores", "pattern")) else (1,)
+
+    def hook(act: Tensor, hook=None) -> Tensor:
+        if all(act.shape[d] == width for d in dims):
+            return fn(act, hook=hook)
+        idx = tuple(slice(None, width) if d in dims else slice(None) for d in range(act.dim()))
+        out = act.clone()
+        out[idx] = fn(act[idx], hook=hook)
+        return out
+
+    return hook
 
 
 def _cache_filled(kv, width: int) -> bool:
