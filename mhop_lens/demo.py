@@ -238,13 +238,15 @@ def _stages(store: RunStore, state: dict) -> None:
 
 
 def _backpatch(store: RunStore, state: dict, seed: int, progress: bool) -> None:
-    from mhop_lens.analyses.backpatch import run_backpatch, summarize_backpatch
+    from mhop_lens.analyses.backpatch import fix_table, run_backpatch, summarize_backpatch
 
-    frame = run_backpatch(state["model"], _need_sample(state), positions=("last",), seed=seed, progress=progress)
+    frame = run_backpatch(state["model"], _need_sample(state), positions=("t1", "last"), criterion="both",
+                          seed=seed, progress=progress)
     store.write("backpatch", frame, sort_by=["qid", "position", "s", "t", "donor"])
     ev = state.get("evaluation")
     store.write("backpatch_summary", summarize_backpatch(frame, ev, by="pair"))
     store.write("backpatch_queries", summarize_backpatch(frame, ev, by="query"))
+    store.write("backpatch_fixes", fix_table(frame, ev))
 
 
 def _gar(store: RunStore, state: dict, gar_model: str, size: DemoSize, seed: int, progress: bool) -> str:

@@ -105,3 +105,115 @@ def test_organism_first_hop_before_second(organism):
     ordered = early.loc[correct[correct].index, "first_before_second"].fillna(False)
     assert correct.sum() >= 50  # the organism answers ~75% of held-out queries
     assert ordered.mean() > 0.8, f"only {ordered.mean():.2f} of correct queries resolve e2@t1 before e3@t2"
+
+
+def _patched_batch(model, prompts, layer=0):
+    """A left-padded batch and a hook overwriting resid_post(layer) one token before each row's last."""
+    import torch
+
+    from mhop_lens import hooks
+    from mhop_lens.interventions import replace_positions
+
+    enc = encode(model, prompts, padding_side="left")
+    values = torch.randn(len(prompts), 1, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    return enc, [(hooks.resid(layer, "post"), replace_positions(values, enc.last[:, None] - 1))]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_kv_cached_patched_generation_equals_rerun(tiny_models, arch):
+    """Patch once in the prompt pass + cached steps == the patch re-applied while re-running every step."""
+    from mhop_lens.analyses.patched_generation import Sampling, generate_patched
+
+    model = tiny_models[arch]
+    enc, fwd = _patched_batch(model, ["The spouse of the performer of Imagine is", "hello world x", "a b"])
+    for sampling in (None, Sampling(), Sampling(temperature=0.7, top_k=5, top_p=0.9)):
+        cached = generate_patched(model, enc, fwd, 6, sampling, seed=3)
+        rerun = generate_patched(model, enc, fwd, 6, sampling, seed=3, cached=False)
+        assert cached.tolist() == rerun.tolist()
+        assert cached.tolist() != generate_patched(model, enc, [], 6, sampling, seed=3).tolist()  # the patch acts
+
+
+def test_kv_cached_patched_generation_equals_rerun_on_organism(organism):
+    from mhop_lens.analyses.patched_generation import Sampling, generate_patched
+    from mhop_lens.data import load_queries
+
+    prompts = [q.prompt for q in load_queries("organism:heldout", limit=8)] + ["Zapus 's boss"]
+    enc, fwd = _patched_batch(organism, prompts)
+    for sampling in (None, Sampling()):
+        cached = generate_patched(organism, enc, fwd, 10, sampling, seed=1)
+        assert cached.tolist() == generate_patched(organism, enc, fwd, 10, sampling, seed=1, cached=False).tolist()
+
+
+def test_unpatched_cached_generation_is_hf_greedy(tiny_models):
+    """With no hook, the cached loop is HF's greedy generate (evaluate.generate_greedy) on a padded batch."""
+    from mhop_lens.analyses.patched_generation import _cache_filled, generate_patched
+    from mhop_lens.evaluate import generate_greedy
+
+    model = tiny_models["llama"]
+    prompts = ["The spouse of the performer of Imagine is", "hello world x"]
+    enc = encode(model, prompts, padding_side="left")
+    _, kv = model.run_with_hooks(enc.tokens, attention_mask=enc.attention_mask, fwd_hooks=[],
+                                 return_type="logits_and_cache", use_cache=True)
+    if not _cache_filled(kv, enc.tokens.shape[1]):
+        pytest.skip("this transformers release fills no KV cache through the bridge (issue 14), which also breaks "
+                    "HF generate on the bridged model: nothing to compare with")
+    ours = generate_patched(model, enc, [], 5)
+    hf = generate_greedy(model, dict.fromkeys(prompts, 5))
+    eos = model.tokenizer.eos_token_id
+    for row, p in zip(ours.tolist(), prompts, strict=True):
+        cut = row[: row.index(eos)] if eos in row else row
+        assert cut == hf[p]
+
+
+def test_study_classifier_priority_and_colon_patterns():
+    from mhop_lens.analyses.patchscope import classify_study
+
+    q = tiny_queries()[0]  # e1 Imagine, e2 John Lennon, e3 Yoko Ono
+    assert classify_study(": John Lennon, husband of Yoko Ono", q) == "e2"
+    assert classify_study(": Yoko Ono is an artist, Imagine: a song", q) == "e1"  # e1 first, whatever the order
+    assert classify_study("Yoko Ono is an artist", q) == "other"  # no colon pattern
+    assert classify_study(": yoko ono.", q) == "e3"  # case-insensitive
+
+
+def test_study_protocol_rows(tiny_models):
+    """Three seeds (0, 1, 2), 10 tokens, reproducible; the classes come from the study's classifier."""
+    from mhop_lens.analyses.patchscope import REPEAT, classify_study
+
+    model, queries = tiny_models["gpt2"], tiny_queries()[:2]
+    kw = dict(source_layers=[0], target_layers=[1], positions=("t1",), decoder="generate", protocol="study",
+              target_prompt="repeat", progress=False)
+    a, b = (run_patchscope(model, queries, **kw) for _ in range(2))
+    assert sorted(a.seed.unique().tolist()) == [0, 1, 2] and len(a) == 2 * 3
+    assert a.decoded.tolist() == b.decoded.tolist() and (a.protocol == "study").all()
+    byid = {q.id: q for q in queries}
+    assert [classify_study(t, byid[i]) for t, i in zip(a.decoded, a.qid, strict=True)] == a["class"].tolist()
+    assert REPEAT.endswith(", x")
+    cached = run_patchscope(model, queries, seed=5, **{**kw, "protocol": "default", "max_new_tokens": 10})
+    rerun = run_patchscope(model, queries, seed=5, cached=False, **{**kw, "protocol": "default", "max_new_tokens": 10})
+    assert cached.decoded.tolist() == rerun.decoded.tolist()
+
+
+def test_describe_line_counts_without_na():
+    """`describe` prints counts (and a share from 10 queries on), never '<NA>'."""
+    from mhop_lens.cli.hopping import describe_line
+
+    early = pd.DataFrame({"first_before_second": pd.array([True, pd.NA, False, pd.NA], dtype="boolean")})
+    line = describe_line(early)
+    assert "<NA>" not in line and "nan" not in line
+    assert line.startswith("e2@t1 before e3@t2 in 1 of 2 queries") and "2 of 4 queries lack" in line
+    many = pd.DataFrame({"first_before_second": pd.array([True] * 9 + [False] * 3, dtype="boolean")})
+    assert "(75.0%)" in describe_line(many)
+
+
+def test_cached_generation_really_uses_the_cache(tiny_models):
+    """Where the bridge returns a filled KV cache, generation steps run one token each (not a silent re-run)."""
+    from mhop_lens.analyses.patched_generation import _cache_filled
+
+    model = tiny_models["gpt2"]
+    enc = encode(model, ["hello world x"], padding_side="left")
+    _, kv = model.run_with_hooks(enc.tokens, attention_mask=enc.attention_mask, fwd_hooks=[],
+                                 return_type="logits_and_cache", use_cache=True)
+    if not _cache_filled(kv, enc.tokens.shape[1]):
+        pytest.skip("this transformers release returns no KV cache through the bridge (issue 14): generation "
+                    "falls back to re-running every step")
+    assert kv.get_seq_length() == enc.tokens.shape[1]

@@ -8,6 +8,15 @@ Fast path (``backpatch_logits``): one cached clean run per batch; per target lay
 (query x donor x s) rows that starts at block t+1, recomputes only positions >= p and reads the clean keys/values
 of the prefix (``partial_forward``). Reference (``backpatch_reference_logits``): one batched full forward per
 (s, t) pair with ``interventions.replace_positions``. Both give the same logits (tests: < 1e-4).
+
+Criterion for "fixed" / "correct" (``criterion``):
+- ``first-token``: e3's first token (after ``answer_prefix``) is the top-1 next token at the last position.
+- ``generate`` (the study's ``patch_activations.py`` + ``classify_prediction_correct``): greedy generation of 10
+  tokens with the patch applied in the prompt pass (``patched_generation.generate_patched``, KV cache), correct
+  when e3's label or an alias longer than one character is a case-insensitive substring of the generated text.
+- ``both``: the two side by side (``correct`` and ``correct_generate`` columns).
+Positions: any name of ``analyses/sites.py``; the study's two are ``t1`` (last token of the first-hop phrase, its
+"e1" source) and ``last`` (its "last" source, the final "is").
 """
 
 from __future__ import annotations
@@ -15,13 +24,15 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mhop_lens import hooks, interventions
+from mhop_lens.analyses import sites as S
 from mhop_lens.analyses.partial_forward import (
     BlockArgs,
     CleanRun,
@@ -34,6 +45,13 @@ from mhop_lens.analyses.partial_forward import (
     run_from,
     warn_once,
 )
+from mhop_lens.analyses.patched_generation import (
+    STUDY_NEW_TOKENS,
+    answer_aliases,
+    decode_new,
+    generate_patched,
+    mentions_any,
+)
 from mhop_lens.analyses.variant_tokens import run_variants, variant_path_cause
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
@@ -42,6 +60,9 @@ from mhop_lens.tokens import Encoded, encode, first_token_ids
 
 Pair = tuple[int, int]  # (source layer s, target layer t)
 DONORS = ("self", "shuffled")
+CRITERIA = ("first-token", "generate", "both")
+#: Failure definitions: the evaluate subset (both hops known, no shortcut, composition wrong) / clean misses.
+FAILURES = ("evaluate-subset", "clean-miss")
 #: Bytes of expanded prefix keys/values one partial forward may hold (rows are chunked to stay below it).
 CACHE_BUDGET = 256 * 2**20
 
@@ -64,10 +85,10 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 def positions_of(enc: Encoded, queries: Sequence[TwoHopQuery], position: str) -> Int[Tensor, " batch"]:
-    """Token position per row: ``"last"`` or the last token of a span (``"e1"``, ``"r1"``, ``"r2"``)."""
+    """Token position per row: ``"last"`` or a name of ``analyses/sites.py`` (``"t1"``, ``"e1"``, ``"r1"``, ...)."""
     if position == "last":
         return enc.last.cpu()
-    return enc.positions([q.spans[position] for q in queries])
+    return S.positions(enc, queries, position)
 
 
 # fast path ----------------------------------------------------------------------------------------------------
@@ -180,12 +201,13 @@ def run_backpatch(
     positions: Sequence[str] = ("last",),
     control: bool = True,
     batch_size: int = 32,
-    scorer: str = "first-token",
+    criterion: str = "first-token",
     pairs: Sequence[Pair] | None = None,
     donors: Sequence[TwoHopQuery] | None = None,
     seed: int = 0,
     reference: bool = False,
     progress: bool = True,
+    max_new_tokens: int = STUDY_NEW_TOKENS,
 ) -> pd.DataFrame:
     """One row per (qid, position, s, t, donor) with the answer's rank, probability and correctness.
 
@@ -193,10 +215,12 @@ def run_backpatch(
     uses the per-pair full-forward implementation and never enters the fast machinery. Otherwise the fast path runs
     where ``partial_forward.fast_path_cause`` finds it exact for this model and batch condition, else (or on any
     exception in it) the reference, with one warning naming the cause; ``frame.attrs["path"]`` says which ran
-    (the last batch's).
+    (the last batch's). ``criterion`` (module docstring): ``first-token`` fills ``correct`` / ``clean_correct``;
+    ``generate`` and ``both`` add ``correct_generate``, ``clean_correct_generate`` and ``generation``
+    (``max_new_tokens`` greedy tokens, the study's 10); ``frame.attrs["criterion"]`` says which.
     """
-    if scorer != "first-token":
-        raise MhopLensError(f"scorer {scorer!r} is not supported by back-patching; use 'first-token'.")
+    if criterion not in CRITERIA:
+        raise MhopLensError(f"criterion {criterion!r} is not known; use one of {', '.join(CRITERIA)}.")
     queries = list(queries)
     if control and donors is None:
         donors = [queries[j] for j in derangement(len(queries), seed)]
@@ -227,15 +251,56 @@ def run_backpatch(
         (clean, patched), path = dispatch(model, enc, "back-patching", lambda: compute(True), lambda: compute(False),
                                           use_reference=reference)
         clean_rank, _ = _score(clean.last_logits[None], targets)
-        for position, logits in zip(positions, patched, strict=True):
+        for position, pos, logits in zip(positions, pos_of, patched, strict=True):
             rank, prob = _score(logits, targets[rows])
+            if criterion != "first-token":
+                ok, texts = backpatch_generations(model, clean, every, rows, pos[rows], pairs, donor, pos[donor],
+                                                  max_new_tokens)
+                clean_ok = _clean_generations(model, clean, every, n, max_new_tokens)
             for i, (kind, who) in enumerate(zip(DONORS, (batch, batch_donors)[: 2 if control else 1], strict=False)):
                 part = slice(i * n, (i + 1) * n)
-                frames.append(_rows(batch, who, position, pairs, kind, rank[:, part], prob[:, part],
-                                    clean_rank[0, :n]))
+                part_frame = _rows(batch, who, position, pairs, kind, rank[:, part], prob[:, part], clean_rank[0, :n])
+                if criterion != "first-token":  # pair-major like _rows
+                    part_frame["correct_generate"] = ok[:, part].reshape(-1).numpy()
+                    part_frame["clean_correct_generate"] = np.tile(clean_ok, len(pairs))
+                    part_frame["generation"] = [text for pair_texts in texts for text in pair_texts[part]]
+                frames.append(part_frame)
     frame = pd.concat(frames, ignore_index=True)
     frame.attrs["path"] = path
+    frame.attrs["criterion"] = criterion
     return frame
+
+
+# the study's criterion: patched generation ----------------------------------------------------------------------
+def e3_answers(query: TwoHopQuery) -> list[str]:
+    """e3's label and aliases longer than one character (the study's ``get_answers``)."""
+    return answer_aliases(query, "e3")
+
+
+def backpatch_generations(model, clean: CleanRun, every: Sequence[TwoHopQuery], rows: Int[Tensor, " m"],
+                          pos: Int[Tensor, " m"], pairs: Sequence[Pair], donor: Int[Tensor, " m"],
+                          donor_pos: Int[Tensor, " m"], max_new_tokens: int = STUDY_NEW_TOKENS
+                          ) -> tuple[Bool[Tensor, "pair m"], list[list[str]]]:
+    """Per (s, t) pair and row: does the greedy generation of clean row ``rows[i]``, with resid_post(t)[pos[i]]
+    := resid_post(s)[donor_pos[i]] of row ``donor[i]`` in the prompt pass, mention e3 (``e3_answers``)? And the
+    generated texts."""
+    rows, pos, donor, donor_pos = (x.cpu() for x in (rows, pos, donor, donor_pos))
+    sub = clean.enc.select(rows)
+    answers = [e3_answers(every[int(r)]) for r in rows]
+    ok, texts = [], []
+    for s, t in pairs:
+        values = clean.resid_post(s)[donor.to(clean.streams.device), donor_pos.to(clean.streams.device)][:, None]
+        fn = interventions.replace_positions(values, pos[:, None])
+        got = decode_new(model, generate_patched(model, sub, [(hooks.resid(t, "post"), fn)], max_new_tokens))
+        ok.append([mentions_any(text, a) for text, a in zip(got, answers, strict=True)])
+        texts.append(got)
+    return torch.tensor(ok, dtype=torch.bool), texts
+
+
+def _clean_generations(model, clean: CleanRun, every: Sequence[TwoHopQuery], n: int, max_new_tokens: int):
+    """Does the unpatched greedy generation of each of the first ``n`` rows mention e3?"""
+    got = decode_new(model, generate_patched(model, clean.enc.select(torch.arange(n)), [], max_new_tokens))
+    return np.array([mentions_any(text, e3_answers(q)) for text, q in zip(got, every[:n], strict=True)])
 
 
 def _score(logits: Float[Tensor, "pair batch vocab"], targets: Int[Tensor, " batch"]):
@@ -244,7 +309,7 @@ def _score(logits: Float[Tensor, "pair batch vocab"], targets: Int[Tensor, " bat
     target_logit = logits.gather(-1, targets.expand(logits.shape[0], -1)[..., None])
     rank = (logits > target_logit).sum(-1)
     prob = logits.softmax(-1).gather(-1, targets.expand(logits.shape[0], -1)[..., None])[..., 0]
-    return rank.cpu(), prob.float().cpu()
+    return rank.cpu(), prob.detach().float().cpu()
 
 
 def _rows(batch, donors, position, pairs, kind, rank, prob, clean_rank) -> pd.DataFrame:
@@ -265,10 +330,25 @@ def _rows(batch, donors, position, pairs, kind, rank, prob, clean_rank) -> pd.Da
 
 
 # summaries ----------------------------------------------------------------------------------------------------
-def _status(frame: pd.DataFrame, evaluation: pd.DataFrame | None) -> pd.Series:
+def _columns(frame: pd.DataFrame, criterion: str) -> tuple[str, str]:
+    """(patched, clean) correctness columns of ``criterion``."""
+    if criterion == "first-token":
+        return "correct", "clean_correct"
+    if criterion == "generate" and "correct_generate" in frame.columns:
+        return "correct_generate", "clean_correct_generate"
+    raise MhopLensError(f"no {criterion!r} verdicts in this back-patching frame; run it with criterion='generate' "
+                        "or 'both' (`mhop-lens backpatch --criterion both`), or summarise with 'first-token'.")
+
+
+def criteria_of(frame: pd.DataFrame) -> list[str]:
+    """The criteria whose verdicts ``frame`` holds."""
+    return ["first-token", "generate"] if "correct_generate" in frame.columns else ["first-token"]
+
+
+def _status(frame: pd.DataFrame, evaluation: pd.DataFrame | None, criterion: str = "first-token") -> pd.Series:
     """Per qid: 'incorrect' (a failure to fix), 'correct' (could be broken) or other (ignored)."""
     if evaluation is None:
-        clean = frame.drop_duplicates("qid").set_index("qid")["clean_correct"]
+        clean = frame.drop_duplicates("qid").set_index("qid")[_columns(frame, criterion)[1]].astype(bool)
         return clean.map({True: "correct", False: "incorrect"})
     key = "qid" if "qid" in evaluation.columns else "id"
     if "subset" not in evaluation.columns:
@@ -277,18 +357,21 @@ def _status(frame: pd.DataFrame, evaluation: pd.DataFrame | None) -> pd.Series:
     return evaluation.drop_duplicates(key).set_index(key)["subset"]
 
 
-def summarize_backpatch(frame: pd.DataFrame, evaluation: pd.DataFrame | None = None, by: str = "pair"
-                        ) -> pd.DataFrame:
+def summarize_backpatch(frame: pd.DataFrame, evaluation: pd.DataFrame | None = None, by: str = "pair",
+                        criterion: str = "first-token") -> pd.DataFrame:
     """Fix rate among failures and break rate among correct queries, with the shuffled control beside.
 
     ``by="pair"``: one row per (position, s, t). ``by="query"``: one row per (qid, position) with whether any
     pair fixes it, which pairs, and the control's answer. Failures/correct come from ``evaluation``'s ``subset``
-    column when given, else from the clean first-token answer.
+    column when given ("evaluate-subset"), else from the clean answer under ``criterion`` ("clean-miss"); a
+    patched answer counts as correct under ``criterion`` too. Columns ``criterion`` and ``failures`` say which.
     """
-    status = _status(frame, evaluation)
-    f = frame.assign(status=frame["qid"].map(status))
+    col, _ = _columns(frame, criterion)
+    status = _status(frame, evaluation, criterion)
+    f = frame.assign(status=frame["qid"].map(status), correct=frame[col].astype(bool))
+    tags = {"criterion": criterion, "failures": FAILURES[0] if evaluation is not None else FAILURES[1]}
     if by == "query":
-        return _per_query(f)
+        return _per_query(f).assign(**tags)
     if by != "pair":
         raise MhopLensError(f"by must be 'pair' or 'query', not {by!r}.")
     out = []
@@ -302,7 +385,7 @@ def summarize_backpatch(frame: pd.DataFrame, evaluation: pd.DataFrame | None = N
             if kind == "self":
                 row["n_failures"], row["n_correct"] = fail["qid"].nunique(), ok["qid"].nunique()
         out.append(row)
-    return pd.DataFrame(out)
+    return pd.DataFrame(out).assign(**tags)
 
 
 def _per_query(f: pd.DataFrame) -> pd.DataFrame:
@@ -318,3 +401,52 @@ def _per_query(f: pd.DataFrame) -> pd.DataFrame:
         row["n_pairs_breaking"] = len(broken) if row["status"] == "correct" else 0
         out.append(row)
     return pd.DataFrame(out)
+
+
+def fix_table(frame: pd.DataFrame, evaluation: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The study's headline: share of failures some (s > t) pair fixes, per position x criterion x failure
+    definition, with the shuffled-donor control and the best single pair beside.
+
+    One row per (position, criterion, failures); failure definitions: ``clean-miss`` always, ``evaluate-subset``
+    when ``evaluation`` is given. Columns: ``n_failures, n_fixed, fix_rate`` (fixed by any pair), ``n_control_fixed,
+    control_fix_rate`` (the same with shuffled donors), ``best_pair`` ("s>t"), ``best_pair_fix_rate,
+    best_pair_control_fix_rate``, ``n_correct, n_broken`` (correct queries some pair breaks), ``n_queries``.
+    """
+    out = []
+    for criterion in criteria_of(frame):
+        for evaluated in ([evaluation] if evaluation is not None else []) + [None]:
+            pairs = summarize_backpatch(frame, evaluated, "pair", criterion)
+            per_query = summarize_backpatch(frame, evaluated, "query", criterion)
+            for position in sorted(pd.unique(frame["position"]), key=lambda p: (p != "t1", p != "last", p)):
+                q = per_query[per_query["position"] == position]
+                fail, ok = q[q["status"] == "incorrect"], q[q["status"] == "correct"]
+                p = pairs[pairs["position"] == position]
+                best = p.loc[p["fix_rate"].idxmax()] if len(fail) and p["fix_rate"].notna().any() else None
+                out.append({
+                    "position": position, "criterion": criterion, "failures": per_query["failures"].iloc[0],
+                    "n_failures": len(fail), "n_fixed": int(fail["fixed_by_any"].sum()),
+                    "fix_rate": fail["fixed_by_any"].mean() if len(fail) else float("nan"),
+                    "n_control_fixed": int(fail["control_fixed_by_any"].sum()),
+                    "control_fix_rate": fail["control_fixed_by_any"].mean() if len(fail) else float("nan"),
+                    "best_pair": f"{best['s']}>{best['t']}" if best is not None else "",
+                    "best_pair_fix_rate": best["fix_rate"] if best is not None else float("nan"),
+                    "best_pair_control_fix_rate": best["control_fix_rate"] if best is not None else float("nan"),
+                    "n_correct": len(ok), "n_broken": int((ok["n_pairs_breaking"] > 0).sum()),
+                    "n_queries": len(q),
+                })
+    return pd.DataFrame(out)
+
+
+def format_fix_table(table: pd.DataFrame) -> str:
+    """``fix_table`` as a markdown table, every rate with its count and denominator."""
+    def pct(k, n):
+        return f"{k}/{n} = {k / n:.1%}" if n else "n/a (no failures)"
+
+    lines = ["| position | criterion | failures | fixed by some (s, t) | shuffled control | best pair (control) |",
+             "|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        best = (f"{r.best_pair}: {r.best_pair_fix_rate:.1%} ({r.best_pair_control_fix_rate:.1%})"
+                if r.best_pair else "-")
+        lines.append(f"| {r.position} | {r.criterion} | {r.failures} (n = {r.n_failures}) | "
+                     f"{pct(r.n_fixed, r.n_failures)} | {pct(r.n_control_fixed, r.n_failures)} | {best} |")
+    return "\n".join(lines)

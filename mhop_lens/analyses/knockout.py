@@ -7,10 +7,19 @@ token of that span (``e1``, ``r1``, ``r2``, ``t1``) or ``last``; Q is ``last``, 
 ``all`` = every position after the key span's last token (the span's own tokens keep reading each other, so the
 entity representation itself is left intact). All centres of a query batch run in one forward: the batch is
 repeated per centre and each layer's hook blocks only the rows whose window covers it.
+
+Which key tokens a span stands for (``keys``; it matters for relations: the organism's r1 span "'s spouse" is two
+tokens):
+- ``span`` (default): every token of the span ("'s" and "spouse"; "the performer of").
+- ``last``: the span's last token only ("spouse"; "of"; e1's last token).
+- ``word``: the study's key (``knockout_attention.py``: the last token of ``last_relation_word``, the relation
+  word of the template): for r1 / r2 the last token of the span's last word that is not "of", "'s" or an article
+  ("spouse"; "performer"), for e1 / t1 the span's last token. ``all->K`` queries start after the span either way.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -22,6 +31,13 @@ from tqdm.auto import tqdm
 from mhop_lens import hooks
 from mhop_lens.analyses import sites as S
 from mhop_lens.analyses.lens import decode_ids
+from mhop_lens.analyses.patched_generation import (
+    STUDY_NEW_TOKENS,
+    answer_aliases,
+    decode_new,
+    generate_patched,
+    mentions_any,
+)
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import DataError
 from mhop_lens.forward import last_logits
@@ -29,6 +45,8 @@ from mhop_lens.interventions import block_attention
 from mhop_lens.tokens import Encoded, encode
 
 DEFAULT_EDGES = ("last->e1", "last->r1", "all->e1")
+KEY_TOKENS = ("span", "last", "word")
+_FUNCTION_WORDS = {"of", "'s", "’s", "the", "a", "an", "s"}
 
 
 def parse_edge(edge: str) -> tuple[str, str]:
@@ -46,21 +64,43 @@ def window_layers(centre: int, window: int, n_layers: int) -> range:
     return range(max(0, centre - window), min(n_layers, centre + window + 1))
 
 
-def edge_mask(enc: Encoded, queries: Sequence[TwoHopQuery], edges: str | Sequence[str]
+def relation_word(query: TwoHopQuery, name: str) -> tuple[int, int]:
+    """Character span of the relation word of span ``name`` (its last word that is not a function word)."""
+    a, b = S.span_of(query, name)
+    words = [(m.start() + a, m.end() + a) for m in re.finditer(r"\S+", query.prompt[a:b])]
+    content = [w for w in words if query.prompt[w[0] : w[1]].lower() not in _FUNCTION_WORDS]
+    return (content or words)[-1]
+
+
+def key_positions(enc: Encoded, row: int, query: TwoHopQuery, name: str, keys: str = "span") -> list[int]:
+    """Token indices that key ``name`` blocks under the ``keys`` definition (module docstring)."""
+    every = S.span_positions(enc, row, query, name)
+    if keys == "span" or name in ("last", "t2"):
+        return every
+    if keys == "word" and name in ("r1", "r2"):
+        return [enc.position(row, relation_word(query, name))]
+    if keys in ("last", "word"):
+        return every[-1:]
+    raise DataError(f"key tokens must be one of {KEY_TOKENS}, not {keys!r}.")
+
+
+def edge_mask(enc: Encoded, queries: Sequence[TwoHopQuery], edges: str | Sequence[str], keys: str = "span"
               ) -> Bool[Tensor, "batch query key"]:
-    """Blocked (query, key) pairs for every row of ``enc`` (row i holds ``queries[i]``, its edge ``edges[i]``)."""
+    """Blocked (query, key) pairs for every row of ``enc`` (row i holds ``queries[i]``, its edge ``edges[i]``);
+    ``keys``: which tokens of a key span are blocked (``KEY_TOKENS``)."""
     edges = [edges] * len(queries) if isinstance(edges, str) else list(edges)
     width = enc.tokens.shape[1]
     mask = torch.zeros(len(queries), width, width, dtype=torch.bool)
     for i, (q, edge) in enumerate(zip(queries, edges, strict=True)):
         q_name, k_name = parse_edge(edge)
-        keys = S.span_positions(enc, i, q, k_name)
+        span = S.span_positions(enc, i, q, k_name)
+        keys_at = key_positions(enc, i, q, k_name, keys)
         if q_name == "all":
-            rows = list(range(max(keys) + 1, int(enc.last[i]) + 1))
+            rows = list(range(max(span) + 1, int(enc.last[i]) + 1))
         else:
             rows = [S.position(enc, i, q, q_name)]
         for r in rows:
-            mask[i, r, [k for k in keys if k <= r]] = True
+            mask[i, r, [k for k in keys_at if k <= r]] = True
     return mask
 
 
@@ -76,11 +116,16 @@ def knockout_hooks(edges: Bool[Tensor, "batch query key"], windows: Sequence[ran
 
 @torch.inference_mode()
 def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], window: int,
-                   centres: Sequence[int], batch_size: int) -> pd.DataFrame:
+                   centres: Sequence[int], batch_size: int, keys: str = "span", criterion: str = "first-token"
+                   ) -> pd.DataFrame:
     """Knockout rows of one query batch (see ``run_knockout``)."""
     n_layers = model.cfg.n_layers
+    generate = criterion in ("generate", "both")
     clean_enc = encode(model, [q.prompt for q in queries])
     clean = last_logits(model, clean_enc).float().softmax(-1).cpu()
+    if generate:
+        clean_text = decode_new(model, generate_patched(model, clean_enc, [], STUDY_NEW_TOKENS))
+        clean_gen = [mentions_any(t, answer_aliases(q)) for t, q in zip(clean_text, queries, strict=True)]
     e3 = S.entity_tokens(model, queries, "e3")
     clean_pred = clean.argmax(-1)
     t1_key = {(qi, edge): S.span_of(q, parse_edge(edge)[1]) == S.span_of(q, "t1")
@@ -91,14 +136,17 @@ def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], 
         chunk = jobs[lo : lo + batch_size]
         qs = [queries[qi] for qi, _, _ in chunk]
         enc = encode(model, [q.prompt for q in qs])
-        mask = edge_mask(enc, qs, [e for _, e, _ in chunk])
+        mask = edge_mask(enc, qs, [e for _, e, _ in chunk], keys)
         windows = [window_layers(c, window, n_layers) for _, _, c in chunk]
-        probs = last_logits(model, enc, knockout_hooks(mask, windows, n_layers)).float().softmax(-1).cpu()
+        fwd = knockout_hooks(mask, windows, n_layers)
+        probs = last_logits(model, enc, fwd).float().softmax(-1).cpu()
         pred = probs.argmax(-1)
+        if generate:  # the study's: knockout in the prompt pass only, then cached steps
+            texts = decode_new(model, generate_patched(model, enc, fwd, STUDY_NEW_TOKENS))
         for j, (qi, edge, c) in enumerate(chunk):
             w = windows[j]
             records.append({
-                "qid": queries[qi].id, "edge": edge, "centre": c, "window": window,
+                "qid": queries[qi].id, "edge": edge, "centre": c, "window": window, "key_tokens": keys,
                 "layer_lo": w.start if len(w) else -1, "layer_hi": w.stop - 1 if len(w) else -1,
                 "e3_prob": float(probs[j, e3[qi]]), "clean_e3_prob": float(clean[qi, e3[qi]]),
                 "pred_prob": float(probs[j, clean_pred[qi]]), "clean_pred_prob": float(clean[qi, clean_pred[qi]]),
@@ -106,6 +154,9 @@ def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], 
                 "correct": bool(pred[j] == e3[qi]), "clean_correct": bool(clean_pred[qi] == e3[qi]),
                 "t1_key": t1_key[(qi, edge)],
             })
+            if generate:
+                records[-1] |= {"correct_generate": mentions_any(texts[j], answer_aliases(queries[qi])),
+                                "clean_correct_generate": clean_gen[qi], "generation": texts[j]}
     frame = pd.DataFrame.from_records(records)
     frame["e3_prob_change"] = (frame["e3_prob"] - frame["clean_e3_prob"]) / frame["clean_e3_prob"]
     return frame
@@ -119,10 +170,16 @@ def run_knockout(
     centres: Sequence[int] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    keys: str = "span",
+    criterion: str = "first-token",
 ) -> pd.DataFrame:
     """Block each edge in the window [c - window, c + window] for every centre layer c (default: all layers).
 
     ``window`` is the half-width k (0 = one layer, -1 = an empty window, which reproduces the clean run).
+    ``keys``: which tokens of a key span are blocked: ``span`` (all), ``last``, ``word`` (the study's; module
+    docstring); the column ``key_tokens`` records it. ``criterion`` "generate" or "both" adds the study's verdict:
+    ``correct_generate`` / ``clean_correct_generate`` (e3 or an alias in 10 greedy tokens generated with the
+    knockout in the prompt pass, as the study's hook skips cached steps) and ``generation``.
     ``batch_size`` counts forward rows ((query, edge, centre) triples) and queries per clean forward.
 
     One row per (query, edge, centre). Columns: ``qid, edge, centre, window, layer_lo, layer_hi`` (the blocked
@@ -136,9 +193,13 @@ def run_knockout(
     centres = list(range(n)) if centres is None else [hooks.check_layer(model, c) for c in centres]
     for edge in edges:
         parse_edge(edge)
+    if keys not in KEY_TOKENS:
+        raise DataError(f"key tokens must be one of {KEY_TOKENS}, not {keys!r}.")
+    if criterion not in ("first-token", "generate", "both"):
+        raise DataError(f"criterion must be first-token, generate or both, not {criterion!r}.")
     if not queries:
         raise DataError("no queries to knock out; check --data, --limit and --shard.")
     batches = [list(queries[i : i + batch_size]) for i in range(0, len(queries), batch_size)]
-    frames = [knockout_batch(model, b, edges, window, centres, batch_size)
+    frames = [knockout_batch(model, b, edges, window, centres, batch_size, keys, criterion)
               for b in tqdm(batches, desc="knockout", unit="batch", disable=not progress)]
     return pd.concat(frames, ignore_index=True)

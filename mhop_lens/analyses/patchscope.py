@@ -5,6 +5,11 @@ placeholder token, at target layer t (``hook_resid_post``), and the patched mode
 
 - ``generate``: greedy (or seeded sampling) generation from a few-shot description prompt; the text is classified
   e1 / e2 / e3 / other by which entity's label or alias appears first (whole words, case-insensitive).
+  ``protocol="study"`` instead follows the study's code (``generate_entity_description.py``,
+  ``classify_results.py``): 10 sampled tokens (the model's ``generation_config`` sampling settings, as HF
+  ``generate(do_sample=True)``), seeds 0, 1, 2 (one row per seed), and the class by priority e1 > e2 > e3 of the
+  colon patterns ": a ", ": a,", ": a.", ": a:", "a: " for every label / alias ``a`` longer than one character
+  (case-insensitive substrings).
 - ``lens``: the logit lens of the source vector (no target prompt); the class is the entity whose first token is
   the top-1 token. For models that cannot follow a description prompt, e.g. the word-level organism.
 - ``one_hop``: target prompt = the query's one-hop r2 prompt with e2 replaced by the placeholder ("x 's boss"); the
@@ -13,7 +18,9 @@ placeholder token, at target layer t (``hook_resid_post``), and the patched mode
 - ``auto``: ``generate`` when the target prompt tokenises without unknown tokens and fits the context, else
   ``lens`` (so the organism, whose vocabulary lacks the description prompt's words, gets the lens).
 
-Rows are (query, s, t, p) combinations batched along the batch dimension.
+Rows are (query, s, t, p) combinations batched along the batch dimension. Generation patches the prompt pass once
+and continues over the KV cache (``patched_generation.generate_patched``; equal token for token to re-running the
+whole sequence at every step, ``cached=False``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from tqdm.auto import tqdm
 from mhop_lens import hooks
 from mhop_lens.analyses import sites as S
 from mhop_lens.analyses.lens import project
+from mhop_lens.analyses.patched_generation import STUDY_NEW_TOKENS, Sampling, decode_new, generate_patched, mentions_any
 from mhop_lens.data.records import TwoHopQuery
+from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import run, run_with_cache
 from mhop_lens.interventions import replace_positions
 from mhop_lens.positions import find_span
@@ -39,11 +48,17 @@ from mhop_lens.tokens import Encoded, encode
 
 DEFAULT = ("Syria: Syria is a country in the Middle East, Leonardo DiCaprio: Leonardo DiCaprio is an American actor, "
            "Samsung: Samsung is a South Korean multinational corporation, x")
+#: The study's second target prompt (``--target-prompt repeat`` in its ``generate_entity_description.py``).
+REPEAT = "Syria: Syria, Leonardo DiCaprio: Leonardo DiCaprio, Samsung: Samsung, x"
 IDENTITY = "cat -> cat; 1135 -> 1135; hello -> hello; x"
-TARGET_PROMPTS = {"default": DEFAULT, "identity": IDENTITY}
+TARGET_PROMPTS = {"default": DEFAULT, "description": DEFAULT, "repeat": REPEAT, "identity": IDENTITY}
 DECODERS = ("auto", "generate", "lens", "one_hop")
+PROTOCOLS = ("default", "study")
+#: The study's seeds for sampled descriptions (``*_entity_description_s{0,1,2}.csv``).
+STUDY_SEEDS = (0, 1, 2)
 CLASSES = ("e1", "e2", "e3", "other")
 _ORDER = ("e2", "e3", "e1")
+_STUDY_ORDER = ("e1", "e2", "e3")
 
 
 def classify(text: str, query: TwoHopQuery) -> str:
@@ -55,6 +70,20 @@ def classify(text: str, query: TwoHopQuery) -> str:
             if m and m.start() < where:
                 best, where = entity, m.start()
     return best
+
+
+def study_answers(query: TwoHopQuery, entity: str) -> list[str]:
+    """The study's ``get_entity_classification_answers``: colon patterns around the label and every alias longer
+    than one character."""
+    label, *aliases = query.answers(entity)
+    names = [label, *(a for a in aliases if len(a) > 1)]
+    return [p.format(a) for p in (": {} ", ": {},", ": {}.", ": {}:", "{}: ") for a in names]
+
+
+def classify_study(text: str, query: TwoHopQuery) -> str:
+    """The study's ``classify_entity_row``: the first of e1, e2, e3 (in that priority) with a colon pattern that is
+    a case-insensitive substring of ``text``, else 'other'."""
+    return next((e for e in _STUDY_ORDER if mentions_any(text, study_answers(query, e))), "other")
 
 
 def resolve_decoder(model, decoder: str, target_prompt: str) -> str:
@@ -95,23 +124,17 @@ def _patch_hooks(layers: Sequence[int], values: Float[Tensor, "rows d"], pos: In
     return out
 
 
-@torch.inference_mode()
-def _generate(model, enc: Encoded, fwd_hooks: list, max_new_tokens: int, seed: int | None) -> Int[Tensor, "rows new"]:
-    """Greedy (seed None) or seeded-sampling continuation of a left-padded batch, hooks active at every step."""
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    tokens, mask = enc.tokens, enc.attention_mask
-    new = []
-    for _ in range(max_new_tokens):
-        step = Encoded(tokens, mask, enc.offsets, mask.sum(1), "left", enc.prompts)
-        logits = run(model, step, fwd_hooks)[:, -1].float()
-        if gen is None:
-            nxt = logits.argmax(-1)
-        else:
-            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).flatten().to(logits.device)
-        new.append(nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return torch.stack(new, 1)
+#: ``protocol="default"`` sampling: the full distribution (no temperature, top-k or top-p).
+FULL = Sampling(temperature=1.0, top_k=0, top_p=1.0)
+
+
+def _generate(model, enc: Encoded, fwd_hooks: list, max_new_tokens: int, seed: int | None,
+              sampling: Sampling | None = None, cached: bool = True) -> Int[Tensor, "rows new"]:
+    """Greedy (seed None) or seeded-sampling continuation of a left-padded batch patched by ``fwd_hooks`` in the
+    prompt pass (``sampling`` default: the full distribution)."""
+    if seed is None:
+        return generate_patched(model, enc, fwd_hooks, max_new_tokens, None, cached=cached)
+    return generate_patched(model, enc, fwd_hooks, max_new_tokens, sampling or FULL, seed=seed, cached=cached)
 
 
 def _source_vectors(model, queries, source_layers, positions):
@@ -143,8 +166,11 @@ def _own_answers(model, queries: Sequence[TwoHopQuery]) -> dict[str, list[int]]:
 def patchscope_batch(model, queries: Sequence[TwoHopQuery], source_layers: Sequence[int],
                      target_layers: Sequence[int] | str | None, positions: Sequence[S.PositionSpec],
                      target_prompt: str, decoder: str, max_new_tokens: int, seed: int | None, placeholder: str,
-                     batch_size: int) -> pd.DataFrame:
+                     batch_size: int, protocol: str = "default", cached: bool = True) -> pd.DataFrame:
     """Patchscope rows of one query batch (see ``run_patchscope``)."""
+    study = protocol == "study" and decoder == "generate"
+    seeds = list(STUDY_SEEDS) if study else [seed]
+    sampling = Sampling.of_model(model) if study else None
     src = _source_vectors(model, queries, source_layers, positions)
     combos = []  # (query index, source layer index, target layer, position label)
     for qi in range(len(queries)):
@@ -158,7 +184,7 @@ def patchscope_batch(model, queries: Sequence[TwoHopQuery], source_layers: Seque
                     targets = target_layers
                 combos += [(qi, si, t, S.label(p)) for t in targets]
     vec = torch.stack([src[p][0][qi, si] for qi, si, _, p in combos])
-    decoded, first = [], []
+    decoded, first, row_seeds = [], [], []
     if decoder == "lens":
         top = project(model, vec).argmax(-1)
         first = model.tokenizer.batch_decode(top.reshape(-1, 1).tolist())
@@ -166,39 +192,46 @@ def patchscope_batch(model, queries: Sequence[TwoHopQuery], source_layers: Seque
         ids = {e: S.entity_tokens(model, queries, e).tolist() for e in _ORDER}
         classes = [next((e for e in _ORDER if ids[e][qi] == int(tok)), "other")
                    for (qi, *_), tok in zip(combos, top, strict=True)]
+        row_seeds = [seed] * len(combos)
+        rows = combos
     else:
         if decoder == "one_hop":
             own = _own_answers(model, queries)
             prompts = [one_hop_prompt(q, placeholder) for q in queries]
-        classes = []
-        for lo in range(0, len(combos), batch_size):
-            chunk = combos[lo : lo + batch_size]
-            if decoder == "one_hop":
-                enc = encode(model, [prompts[qi][0] for qi, *_ in chunk])
-                pos = torch.tensor([enc.position(i, prompts[qi][1]) for i, (qi, *_) in enumerate(chunk)])
-            else:
-                enc = encode(model, [target_prompt] * len(chunk))
-                span = find_span(target_prompt, placeholder)
-                pos = torch.full((len(chunk),), enc.position(0, span))
-            fwd = _patch_hooks([t for _, _, t, _ in chunk], vec[lo : lo + len(chunk)], pos)
-            n_new = 1 if decoder == "one_hop" else max_new_tokens
-            new = _generate(model, enc, fwd, n_new, seed).cpu()
-            first += model.tokenizer.batch_decode(new[:, :1].tolist())
-            texts = model.tokenizer.batch_decode(new.tolist())
-            decoded += texts
-            for (qi, *_), text, ids in zip(chunk, texts, new.tolist(), strict=True):
+        classes, rows = [], []
+        for run_seed in seeds:
+            for lo in range(0, len(combos), batch_size):
+                chunk = combos[lo : lo + batch_size]
                 if decoder == "one_hop":
-                    hit = [e for e in _ORDER if own[e][qi] == ids[0]]
-                    classes.append(hit[0] if len(hit) == 1 else "other")
+                    enc = encode(model, [prompts[qi][0] for qi, *_ in chunk], padding_side="left")
+                    pos = torch.tensor([enc.position(i, prompts[qi][1]) for i, (qi, *_) in enumerate(chunk)])
                 else:
-                    classes.append(classify(text, queries[qi]))
+                    enc = encode(model, [target_prompt] * len(chunk), padding_side="left")
+                    span = find_span(target_prompt, placeholder)
+                    pos = torch.full((len(chunk),), enc.position(0, span))
+                fwd = _patch_hooks([t for _, _, t, _ in chunk], vec[lo : lo + len(chunk)], pos)
+                n_new = 1 if decoder == "one_hop" else max_new_tokens
+                new = _generate(model, enc, fwd, n_new, run_seed, sampling, cached=cached).cpu()
+                first += model.tokenizer.batch_decode(new[:, :1].tolist())
+                texts = decode_new(model, new) if study else model.tokenizer.batch_decode(new.tolist())
+                decoded += texts
+                for (qi, *_), text, ids in zip(chunk, texts, new.tolist(), strict=True):
+                    if decoder == "one_hop":
+                        hit = [e for e in _ORDER if own[e][qi] == ids[0]]
+                        classes.append(hit[0] if len(hit) == 1 else "other")
+                    else:
+                        classes.append(classify_study(text, queries[qi]) if study else classify(text, queries[qi]))
+                rows += chunk
+                row_seeds += [run_seed] * len(chunk)
     return pd.DataFrame({
-        "qid": [queries[qi].id for qi, *_ in combos],
-        "position": [p for *_, p in combos],
-        "token_index": [int(src[p][1][qi]) for qi, _, _, p in combos],
-        "source_layer": [source_layers[si] for _, si, _, _ in combos],
-        "target_layer": [t for _, _, t, _ in combos],
+        "qid": [queries[qi].id for qi, *_ in rows],
+        "position": [p for *_, p in rows],
+        "token_index": [int(src[p][1][qi]) for qi, _, _, p in rows],
+        "source_layer": [source_layers[si] for _, si, _, _ in rows],
+        "target_layer": [t for _, _, t, _ in rows],
+        "seed": pd.array(row_seeds, dtype="Int64"),
         "decoder": decoder,
+        "protocol": "study" if study else "default",
         "first_token": first,
         "decoded": decoded,
         "class": classes,
@@ -213,11 +246,13 @@ def run_patchscope(
     positions: Sequence[S.PositionSpec] = ("t1", "t2"),
     target_prompt: str = "default",
     decoder: str = "auto",
-    max_new_tokens: int = 4,
+    max_new_tokens: int | None = None,
     seed: int | None = None,
     placeholder: str = "x",
     batch_size: int = 32,
     progress: bool = True,
+    protocol: str = "default",
+    cached: bool = True,
 ) -> pd.DataFrame:
     """Decode the entity in each (query, source layer, position) by patching it into a target prompt.
 
@@ -226,11 +261,18 @@ def run_patchscope(
     last occurrence of ``placeholder`` receives the vector. ``seed`` None = greedy, else seeded sampling.
     ``batch_size`` counts queries per source forward and patched rows per target forward.
 
-    One row per (query, position, source_layer, target_layer). Columns: ``qid, position`` (name as given),
+    ``protocol="study"`` (generate decoder only): the study's sampling over seeds 0-2, 10 tokens (unless
+    ``max_new_tokens`` is given), classification e1 > e2 > e3 with colon patterns (module docstring); the
+    description prompt stays the default target (the study's other one is ``"repeat"``). ``cached=False``
+    re-runs the whole sequence at every generated token (the reference of the KV-cached generation).
+
+    One row per (query, position, source_layer, target_layer, seed). Columns: ``qid, position`` (name as given),
     ``token_index`` (in the prompt's tokens, BOS = 0), ``source_layer, target_layer`` (-1 for the lens decoder),
-    ``decoder`` (the one used), ``first_token`` (first decoded token), ``decoded`` (generated text), ``class``
-    (e1 / e2 / e3 / other).
+    ``seed`` (NA when greedy), ``decoder`` (the one used), ``protocol``, ``first_token`` (first decoded token),
+    ``decoded`` (generated text), ``class`` (e1 / e2 / e3 / other).
     """
+    if protocol not in PROTOCOLS:
+        raise MhopLensError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}.")
     n = model.cfg.n_layers
     source_layers = list(range(n)) if source_layers is None else [hooks.check_layer(model, s) for s in source_layers]
     if target_layers is None:
@@ -239,9 +281,12 @@ def run_patchscope(
         target_layers = [hooks.check_layer(model, t) for t in target_layers]
     target_prompt = TARGET_PROMPTS.get(target_prompt, target_prompt)
     decoder = resolve_decoder(model, decoder, target_prompt)
+    if protocol == "study" and max_new_tokens is None:
+        max_new_tokens = STUDY_NEW_TOKENS
+    max_new_tokens = 4 if max_new_tokens is None else max_new_tokens
     batches = [list(queries[i : i + batch_size]) for i in range(0, len(queries), batch_size)]
     frames = [patchscope_batch(model, b, source_layers, target_layers, positions, target_prompt, decoder,
-                               max_new_tokens, seed, placeholder, batch_size)
+                               max_new_tokens, seed, placeholder, batch_size, protocol, cached)
               for b in tqdm(batches, desc=f"patchscope ({decoder})", unit="batch", disable=not progress)]
     return pd.concat(frames, ignore_index=True)
 

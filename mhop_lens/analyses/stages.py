@@ -67,7 +67,8 @@ def stage_summary(lens_frame: pd.DataFrame, patchscope_frame: pd.DataFrame,
     if evaluation_frame is not None:
         ev = evaluation_frame.set_index("qid")
         out["subset"] = ev["subset"].reindex(out.index).fillna("other")
-        out["correct_source"] = "evaluation"
+        scorer = "gen" if "two_hop_output" in ev.columns else "logprob"  # the gen scorer keeps its texts
+        out["correct_source"] = f"evaluation ({scorer} scorer)"
     else:
         correct = lens_frame.groupby("qid")["correct"].first().reindex(out.index)
         out["subset"] = np.where(correct, "correct", "incorrect")

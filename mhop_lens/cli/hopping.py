@@ -46,12 +46,17 @@ def _done(store, tables: list[str]) -> None:
 @click.option("--target-layers", default="all", show_default=True,
               help="'all', 'same' (patch at t = s), or a comma list of layers.")
 @click.option("--target-prompt", default="default", show_default=True,
-              help="'default' (few-shot description), 'identity', or your own prompt ending in the placeholder.")
+              help="'default' / 'description' (the study's few-shot description), 'repeat' (the study's other), "
+                   "'identity', or your own prompt ending in the placeholder.")
 @click.option("--placeholder", default="x", show_default=True, help="Token of the target prompt that is patched.")
 @click.option("--decoder", type=click.Choice(["auto", "generate", "lens", "one_hop"]), default="auto",
               show_default=True, help="auto: generate when the target prompt tokenises cleanly, else lens.")
-@click.option("--max-new-tokens", type=POSITIVE, default=4, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=None,
+              help="Tokens to generate (default 4; 10 with --protocol study).")
 @click.option("--sample", is_flag=True, help="Sample (seeded by --seed) instead of greedy decoding.")
+@click.option("--protocol", type=click.Choice(["default", "study"]), default="default", show_default=True,
+              help="study: the study's generate protocol (10 sampled tokens, seeds 0-2, classes e1 > e2 > e3 by "
+                   "colon patterns); applies to the generate decoder.")
 @friendly_errors
 def describe(**kw) -> None:
     """Patchscopes: decode which entity (e1/e2/e3/other) each layer's hidden state at t1 / t2 encodes."""
@@ -68,20 +73,30 @@ def describe(**kw) -> None:
             target_layers=_layers(kw["target_layers"], allow_same=True), positions=_csv(kw["positions"]),
             target_prompt=kw["target_prompt"], decoder=kw["decoder"], max_new_tokens=kw["max_new_tokens"],
             seed=kw["seed"] if kw["sample"] else None, placeholder=kw["placeholder"],
-            batch_size=kw["batch_size"], progress=False)
+            batch_size=kw["batch_size"], progress=False, protocol=kw["protocol"])
 
     frame = store.sweep("patchscope", queries, compute, key=lambda q: q.id, chunk_size=kw["batch_size"],
-                        sort_by=["qid", "position", "source_layer", "target_layer"], desc="describe")
+                        sort_by=["qid", "position", "source_layer", "target_layer", "seed"], desc="describe")
     early = earliest_layers(frame)
     store.write("earliest", early, sort_by=["qid"])
-    click.echo(f"decoder: {frame['decoder'].iloc[0]}; e2@t1 before e3@t2 in "
-               f"{early['first_before_second'].mean():.1%} of queries where both were decoded")
+    click.echo(f"decoder: {frame['decoder'].iloc[0]}, protocol: {frame['protocol'].iloc[0]}; "
+               + describe_line(early))
     _done(store, ["patchscope", "earliest"])
+
+
+def describe_line(early) -> str:
+    """'e2@t1 before e3@t2 in K of N queries where both were decoded (P%)', counts always, no NA."""
+    known = early["first_before_second"].dropna()
+    n, k = len(known), int(known.sum())
+    share = f" ({k / n:.1%})" if n >= 10 else ""
+    return (f"e2@t1 before e3@t2 in {k} of {n} queries where both were decoded{share}; "
+            f"{len(early) - n} of {len(early)} queries lack one of the two")
 
 
 @click.command()
 @run_options
-@click.option("--positions", default="last", show_default=True, help="Comma list of positions (last, t1, e1, ...).")
+@click.option("--positions", default="t1,last", show_default=True,
+              help="Comma list of positions (t1, last: the study's two; e1, r1, r2, t2).")
 @click.option("--sites", default="resid,attn_out,mlp_out", show_default=True, help="Comma list of sites.")
 @click.option("--top-k", type=POSITIVE, default=5, show_default=True)
 @click.option("--tuned-lens", "tuned_lens", default=None, type=click.Path(exists=True),
@@ -112,6 +127,12 @@ def lens(**kw) -> None:
 @click.option("--window", type=int, default=1, show_default=True,
               help="Half-width k of the blocked layer window [c-k, c+k] (-1: empty window = clean run).")
 @click.option("--centres", default="all", show_default=True, help="'all' or a comma list of centre layers.")
+@click.option("--criterion", type=click.Choice(["first-token", "generate", "both"]), default="first-token",
+              show_default=True, help="correct = e3's first token top-1, or e3 in 10 greedy tokens (the study's; "
+                                      "knockout in the prompt pass), or both.")
+@click.option("--key-tokens", type=click.Choice(["span", "last", "word"]), default="span", show_default=True,
+              help="Tokens of a key span blocked: span = all (r1 = \"'s spouse\"), last = its last token, word = "
+                   "the study's relation word (r1 = \"spouse\").")
 @friendly_errors
 def knockout(**kw) -> None:
     """Attention knockout: block query->key edges in a window of layers; effect on p(e3) per window centre."""
@@ -121,7 +142,8 @@ def knockout(**kw) -> None:
 
     def compute(chunk):
         return run_knockout(model, chunk, edges=_csv(kw["edges"]), window=kw["window"],
-                            centres=_layers(kw["centres"]), batch_size=kw["batch_size"], progress=False)
+                            centres=_layers(kw["centres"]), batch_size=kw["batch_size"], progress=False,
+                            keys=kw["key_tokens"], criterion=kw["criterion"])
 
     frame = store.sweep("knockout", queries, compute, key=lambda q: q.id, chunk_size=kw["batch_size"],
                         sort_by=["qid", "edge", "centre"], desc="knockout")

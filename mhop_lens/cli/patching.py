@@ -1,7 +1,8 @@
 """`mhop-lens backpatch | patch`: back-patching (with its shuffled-donor control) and activation patching.
 
 Tables: ``backpatch`` -> backpatch.parquet (one row per qid x position x s x t x donor), backpatch_pairs.parquet
-(fix / break rates per (s, t), control beside), backpatch_queries.parquet (fixed by any pair, which pairs);
+(fix / break rates per (s, t), control beside), backpatch_queries.parquet (fixed by any pair, which pairs),
+backpatch_fixes.parquet + .md (fix rates per position x criterion x failure definition, ``fix_table``);
 ``patch`` -> patching.parquet (one row per pair x layer x position|head). Both resume by query id.
 """
 
@@ -22,7 +23,15 @@ def _shard(items: list, kw: dict) -> list:
 
 @click.command()
 @run_options
-@click.option("--positions", default="last", show_default=True, help="Comma list: last, e1, r1, r2.")
+@click.option("--positions", default="t1,last", show_default=True,
+              help="Comma list: t1, last (the study's two), e1, r1, r2.")
+@click.option("--criterion", type=click.Choice(["first-token", "generate", "both"]), default="first-token",
+              show_default=True, help="'Fixed' = e3's first token is top-1 (first-token), or e3 / an alias is in "
+                                      "10 greedily generated tokens (generate, the study's), or both side by side.")
+@click.option("--failures", type=click.Choice(["clean-miss", "evaluate-subset", "both"]), default=None,
+              help="Failures = clean misses under the criterion, or the evaluate subset 'incorrect' (both hops "
+                   "known, no shortcut; from --evaluation, else evaluated here). Default: evaluate-subset with "
+                   "--evaluation, else clean-miss.")
 @click.option("--control/--no-control", default=True, show_default=True,
               help="Also run the shuffled-donor control (residual from another query, seeded by --seed).")
 @click.option("--evaluation", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -34,7 +43,13 @@ def backpatch(**kw) -> None:
     """Back-patching: overwrite resid(t) with the clean resid(s > t) at a position; which failures get fixed?"""
     import pandas as pd
 
-    from mhop_lens.analyses.backpatch import derangement, run_backpatch, summarize_backpatch
+    from mhop_lens.analyses.backpatch import (
+        derangement,
+        fix_table,
+        format_fix_table,
+        run_backpatch,
+        summarize_backpatch,
+    )
 
     store, model, queries = setup_sweep("backpatch", kw, shard=False)
     positions = [p.strip() for p in kw["positions"].split(",") if p.strip()]
@@ -45,24 +60,35 @@ def backpatch(**kw) -> None:
         qs = [q for q, _ in chunk]
         frame = run_backpatch(model, qs, positions=positions, control=kw["control"], batch_size=kw["batch_size"],
                               donors=[d for _, d in chunk] if kw["control"] else None, reference=kw["reference"],
-                              progress=False)
+                              criterion=kw["criterion"], progress=False)
         store.log(f"backpatch chunk of {len(qs)} queries: {frame.attrs['path']} path")
         return frame
 
     frame = store.sweep("backpatch", items, compute, key=lambda item: item[0].id, chunk_size=kw["batch_size"],
                         sort_by=["qid", "position", "t", "s", "donor"], desc="backpatch")
+    failures = kw["failures"] or ("evaluate-subset" if kw["evaluation"] else "clean-miss")
     evaluation = pd.read_parquet(kw["evaluation"]) if kw["evaluation"] else None
-    pairs = summarize_backpatch(frame, evaluation)
-    per_query = summarize_backpatch(frame, evaluation, by="query")
+    if evaluation is None and failures != "clean-miss":
+        from mhop_lens.evaluate import evaluate
+
+        evaluation = evaluate(model, [q for q, _ in items], batch_size=kw["batch_size"], progress=False)
+        store.write("evaluation", evaluation, sort_by=["qid"])
+    table = fix_table(frame, evaluation if failures != "clean-miss" else None)
+    if failures == "evaluate-subset":
+        table = table[table["failures"] == "evaluate-subset"]
+    store.write("backpatch_fixes", table)
+    store.path("backpatch_fixes.md").write_text(format_fix_table(table) + "\n")
+    click.echo(format_fix_table(table))
+    criterion = "first-token" if kw["criterion"] == "first-token" else "generate"
+    evaluation = evaluation if failures != "clean-miss" else None
+    pairs = summarize_backpatch(frame, evaluation, criterion=criterion)
+    per_query = summarize_backpatch(frame, evaluation, by="query", criterion=criterion)
     store.write("backpatch_pairs", pairs, sort_by=["position", "t", "s"])
     store.write("backpatch_queries", per_query, sort_by=["qid", "position"])
-    failures = per_query[per_query["status"] == "incorrect"]
-    line = (f"{len(failures)} failures: fixed by some (s, t) pair {failures['fixed_by_any'].mean():.1%}, "
-            f"shuffled-donor control {failures['control_fixed_by_any'].mean():.1%}" if len(failures)
-            else "no failures among these queries")
-    store.log(line)
-    click.echo(line)
-    for name in ("backpatch", "backpatch_pairs", "backpatch_queries"):
+    store.log(f"criterion {kw['criterion']}, failures {failures}\n{format_fix_table(table)}")
+    click.echo(f"criterion: {kw['criterion']}; failures: {failures}; backpatch_pairs / backpatch_queries use "
+               f"{criterion} and {'evaluate-subset' if evaluation is not None else 'clean-miss'}")
+    for name in ("backpatch", "backpatch_pairs", "backpatch_queries", "backpatch_fixes"):
         click.echo(f"wrote {store.path(name + '.parquet')}")
 
 

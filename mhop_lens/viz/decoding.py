@@ -17,9 +17,10 @@ EARLIEST = (("e2_t1_layer", "first hop: e2 from t1"), ("e3_t2_layer", "second ho
 
 
 def _share_grid(part: pd.DataFrame, entity: str, rows: str, row_values: list, layers: list[int]) -> np.ndarray:
-    """% of queries decoding ``entity`` per (row value, source layer)."""
-    hit = part.assign(hit=part["class"] == entity)
-    share = hit.groupby([rows, "source_layer"])["hit"].mean()
+    """% of queries decoding ``entity`` per (row value, source layer); a query counts once when any of its seeds
+    (the study's protocol samples three) decodes the entity, as the study unions classes over seeds."""
+    hit = part.assign(hit=part["class"] == entity).groupby([rows, "source_layer", "qid"])["hit"].any()
+    share = hit.groupby(level=[0, 1]).mean()
     return np.array([[100 * share.get((r, s), np.nan) for s in layers] for r in row_values])
 
 
@@ -56,8 +57,11 @@ def fig_decoding_heatmap(frame: pd.DataFrame, evaluation: pd.DataFrame | None = 
         fig.update_yaxes(title_text="target layer" if by_target else "", showgrid=False, row=1, col=col,
                          **({"dtick": 1} if by_target else {"type": "category", "autorange": "reversed"}))
     decoder = str(frame["decoder"].iloc[0]) if "decoder" in frame.columns else "patchscope"
+    if "protocol" in frame.columns and frame["protocol"].iloc[0] == "study":
+        decoder += ", study protocol"
     height = 470 if by_target else 320
-    return style.apply(fig, f"Entity decoding by layer ({decoder} decoder)", width=1000, height=height)
+    return style.apply(fig, f"Entity decoding by layer ({decoder} decoder; n = {frame['qid'].nunique()} queries)",
+                       width=1000, height=height)
 
 
 def fig_earliest_layers(earliest: pd.DataFrame, evaluation: pd.DataFrame | None = None,

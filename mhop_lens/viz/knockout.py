@@ -35,5 +35,6 @@ def fig_knockout(frame: pd.DataFrame, evaluation: pd.DataFrame | None = None) ->
     window = int(frame["window"].iloc[0]) if "window" in frame.columns else None
     fig.update_xaxes(title_text="centre layer of the blocked window" + (f" (±{window})" if window else ""), dtick=1)
     fig.update_yaxes(title_text="change in p(e3) (%)")
-    return style.apply(fig, "Attention knockout: where does the last position read the query?", width=900,
-                       height=470)
+    keys = str(frame["key_tokens"].iloc[0]) if "key_tokens" in frame.columns else "span"
+    return style.apply(fig, f"Attention knockout: where does the last position read the query? (key tokens: {keys})",
+                       width=900, height=470)
