@@ -52,7 +52,8 @@ def test_two_hop_record_is_the_k2_view():
         assert {n: s for n, s in v.spans.items() if not n.startswith("hop")} == q.spans
         assert v.spans["hop1"] == q.spans["r1"] and v.spans["hop2"] == q.spans["r2"]
         assert all(getattr(v, f) == getattr(q, f) for f in q.__dataclass_fields__ if f != "spans")
-        assert k.prefix_prompt(1) == q.hop1_prompt and k.prefix_prompt(2) == q.prompt and k.hop_prompt(2) == q.hop2_prompt
+        assert k.prefix_prompt(1) == q.hop1_prompt and k.prefix_prompt(2) == q.prompt
+        assert k.hop_prompt(2) == q.hop2_prompt
 
 
 def test_builders_from_chains_and_facts():
