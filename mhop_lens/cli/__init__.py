@@ -14,6 +14,7 @@ from mhop_lens.cli.hopping import COMMANDS as HOPPING_COMMANDS
 from mhop_lens.cli.khop import organism_khop
 from mhop_lens.cli.organisms import organism, organism_gar
 from mhop_lens.cli.patching import COMMANDS as PATCHING_COMMANDS
+from mhop_lens.cli.rescue import khop, rescue
 from mhop_lens.cli.runs import merge
 
 
@@ -28,7 +29,7 @@ def main() -> None:
 
 
 for _command in (demo, evaluate, *HOPPING_COMMANDS, *PATCHING_COMMANDS, gar, *HEADS_COMMANDS, figures, organism,
-                 organism_gar, organism_khop, merge, bench):
+                 organism_gar, organism_khop, khop, rescue, merge, bench):
     main.add_command(_command)
 
 
