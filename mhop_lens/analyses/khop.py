@@ -4,8 +4,8 @@ attention knockout on k-hop prompts.
 Nothing here re-implements an analysis: each runs the two-hop function on ``KHopQuery.view(i)``, the two-hop
 record that splits the chain at bridge e_{i+1} (its ``e2``) with the chain's answer as ``e3`` and the span of every
 relation r_j as ``hop{j}``. Position names given here are the chain's own (``e1``, ``r1`` .. ``rk``, ``last``,
-``t1`` = r_{k-1}, the last bridge's position); frames report them under those names. For k = 2 the views are the
-two-hop records themselves, so these functions give the two-hop tables (tests check it).
+``t1`` = r_{k-1}, the last bridge's position, reported as ``r{k-1}``); frames report them under those names. For
+k = 2 the views are the two-hop records themselves, so these functions give the two-hop tables (tests check it).
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def _k(queries: Sequence[KHopQuery]) -> int:
 
 
 def view_name(name: str, k: int) -> str:
-    """Chain position name -> the views' span name (``r{j}`` -> ``hop{j}``); ``e1``, ``last``, ``t1`` unchanged
-    (a view's ``t1`` is the end of its composed first part, r_{k-1} for the last bridge's view)."""
+    """Chain position name -> the views' span name (``r{j}`` -> ``hop{j}``, ``t1`` -> ``hop{k-1}``: the last
+    bridge's position); ``e1`` and ``last`` unchanged."""
+    if name == "t1":
+        return f"hop{k - 1}"
     m = _HOP.match(name)
     if m is None:
         return name
