@@ -42,7 +42,7 @@ class KHopWorld(World):
         base = World.generate(seed, n_entities, n_relations, two_hop_train_fraction=1.0)
         rng = random.Random(f"{seed}|chains{depth}")
         names = base.relation_names
-        chains = [[e, *rs] for e in base.entities for rs in itertools.product(names, repeat=depth)]
+        chains = _all_chains(base.entities, names, depth)
         order = list(range(len(chains)))
         rng.shuffle(order)
         train_idx = set(order[:round(train_fraction * len(chains))])
@@ -61,13 +61,18 @@ class KHopWorld(World):
         d = json.loads(Path(path).read_text())
         names = [r["name"] for r in d["relations"]]
         two_hop = {"train": [[e, a, b] for e in d["entities"] for a in names for b in names], "heldout": []}
+        chains = d.get("chains") or _split_from_heldout(d["entities"], names, d["depth"], d["heldout_chains"])
         return cls(seed=d["seed"], entities=d["entities"], relations=d["relations"], facts=d["facts"],
-                   two_hop=two_hop, bos=d.get("bos", BOS), depth=d["depth"], chains=d["chains"])
+                   two_hop=two_hop, bos=d.get("bos", BOS), depth=d["depth"], chains=chains)
 
     def to_dict(self) -> dict:
-        """world.json: the two-hop triples are omitted (all trained, rebuilt on load)."""
+        """world.json: only the held-out chains are listed (the trained ones are all the others, in enumeration
+        order) and the two-hop triples are omitted (all trained); ``load`` rebuilds both."""
         return {"seed": self.seed, "entities": self.entities, "relations": self.relations, "facts": self.facts,
-                "depth": self.depth, "chains": self.chains, "bos": self.bos}
+                "depth": self.depth, "heldout_chains": self.chains["heldout"], "bos": self.bos}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
 
     def chain_prompt(self, chain: Chain) -> str:
         """'e1 's r1 's r2 ... 's rk' for chain (e1, r1, ..., rk), in composing order."""
@@ -86,3 +91,14 @@ class KHopWorld(World):
     def chain_split(self, chain: Chain) -> str:
         """'train' or 'heldout' for a depth-k chain; shorter chains are all trained (as prefixes)."""
         return self._chain_split[tuple(chain)] if len(chain) == self.depth + 1 else "train"
+
+
+def _all_chains(entities: list[str], names: list[str], depth: int) -> list[list[str]]:
+    return [[e, *rs] for e in entities for rs in itertools.product(names, repeat=depth)]
+
+
+def _split_from_heldout(entities: list[str], names: list[str], depth: int, heldout: list[list[str]]
+                        ) -> dict[str, list[list[str]]]:
+    held = {tuple(c) for c in heldout}
+    return {"train": [c for c in _all_chains(entities, names, depth) if tuple(c) not in held],
+            "heldout": [list(c) for c in heldout]}
