@@ -10,8 +10,8 @@ scored on a disjoint test split:
   lens rank at layer l, at t1, of the model's own final top-1 token there (its bridge guess; no label used).
   Pair, signal, direction and threshold (deciles of the train signal) are chosen together on train.
 - ``map``: resid_post(t)[p] += W resid_post(s)[p] + b, an affine map (W, b start at 0: the clean model) trained on
-  the train split's answers (cross-entropy through the rest of the model, AdamW, weight decay); the pair and the
-  training step are chosen on a validation part of the train split.
+  the train split's answers (minibatch cross-entropy through the rest of the frozen model, AdamW, weight decay);
+  the pair and the training step are chosen on a validation part of the train split.
 
 Test-split outcome per query: correct before / after (greedy first token == answer); fixes, breaks, net change
 (mean of after - before) with a 95% bootstrap interval over queries. Control: the same queries get, instead of the
@@ -205,10 +205,12 @@ class AffineMap:
         return f.resid[:, self.s, f.positions.index(self.position)] @ self.weight.T + self.bias
 
 
-def train_map(model, train: Features, val: Features, candidate: Candidate, steps: int = 200, lr: float = 1e-2,
-              weight_decay: float = 0.1, eval_every: int = 25, seed: int = 0) -> tuple[AffineMap, float]:
-    """Fit the affine map of ``candidate`` on ``train`` (full batch, answer cross-entropy through the model);
-    return the map at the step with the best validation net change, and that net change."""
+def train_map(model, train: Features, val: Features, candidate: Candidate, steps: int = 150, lr: float = 1e-2,
+              weight_decay: float = 0.1, eval_every: int = 25, batch_size: int = 256, seed: int = 0
+              ) -> tuple[AffineMap, float]:
+    """Fit the affine map of ``candidate`` on ``train`` (seeded minibatches of ``batch_size`` queries, answer
+    cross-entropy through the frozen model); return the map at the step with the best validation net change (step 0,
+    the unchanged model, included) and that net change."""
     position, s, t = candidate
     p = train.positions.index(position)
     torch.manual_seed(seed)
@@ -223,11 +225,14 @@ def train_map(model, train: Features, val: Features, candidate: Candidate, steps
         param.requires_grad_(False)
     best = (AffineMap(position, s, t, weight.detach().clone(), bias.detach().clone(), 0), 0.0)
     val_before = val.correct.numpy()
+    gen = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
-        delta = x @ weight.T + bias
-        logits = run(model, enc, [(hooks.resid(t, "post"), _add_at(delta, pos))])
-        last = logits[torch.arange(len(x)), enc.last.to(logits.device)]
-        loss = torch.nn.functional.cross_entropy(last.float(), train.answer.to(last.device))
+        i = torch.randperm(len(x), generator=gen)[:batch_size]
+        sub = enc.select(i)
+        delta = x[i] @ weight.T + bias
+        logits = run(model, sub, [(hooks.resid(t, "post"), _add_at(delta, pos[i]))])
+        last = logits[torch.arange(len(i)), sub.last.to(logits.device)]
+        loss = torch.nn.functional.cross_entropy(last.float(), train.answer[i].to(last.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -261,8 +266,8 @@ def split_indices(n: int, train_fraction: float, seed: int) -> tuple[list[int], 
 
 
 def run_rescue(model, queries: Sequence[TwoHopQuery], positions: Sequence[str] = ("last", "t1"),
-               train_fraction: float = 0.5, val_fraction: float = 0.25, map_steps: int = 200,
-               map_candidates: int = 3, seed: int = 0, batch_size: int = 256, progress: bool = True
+               train_fraction: float = 0.5, val_fraction: float = 0.25, map_steps: int = 150,
+               map_candidates: int = 2, seed: int = 0, batch_size: int = 256, progress: bool = True
                ) -> tuple[pd.DataFrame, dict]:
     """The rescue table (one row per method, held-out test split) and the train-split selection details.
 
@@ -329,7 +334,8 @@ def run_rescue(model, queries: Sequence[TwoHopQuery], positions: Sequence[str] =
     fail = ~train.correct.numpy()
     score = {c: (float(tr_after[c].numpy()[fail].mean()) if fail.any() else 0.0, tr_net[c]) for c in candidates}
     shortlist = sorted(candidates, key=lambda c: score[c], reverse=True)[:map_candidates]
-    maps = [train_map(model, fit, val, c, steps=map_steps, seed=seed) for c in shortlist]
+    maps = [train_map(model, fit, val, c, steps=map_steps, seed=seed)
+            for c in tqdm(shortlist, desc="learned map", disable=not progress)]
     details["map"] = [{"candidate": list(c), "val_net": v, "step": m.step} for c, (m, v) in zip(shortlist, maps,
                                                                                                 strict=True)]
     m, v = max(maps, key=lambda mv: mv[1])
