@@ -121,3 +121,13 @@ def test_k2_lens_backpatch_knockout_match_two_hop(organism, two_hop_pair):
                                   run_khop_backpatch(organism, ks, ["last", "r1"], progress=False, reference=True))
     pd.testing.assert_frame_equal(run_knockout(organism, qs, ["last->e1", "last->r1"], progress=False),
                                   run_khop_knockout(organism, ks, ["last->e1", "last->r1"], progress=False))
+
+
+def test_shipped_three_hop_organism_loads_by_name():
+    from mhop_lens.data.khop import load_khop_queries
+    from mhop_lens.models import builtin_dir
+
+    assert (builtin_dir("organism-khop") / "model.safetensors").is_file()
+    qs = load_khop_queries("organism-khop:heldout", limit=5)
+    assert len(qs) == 5 and all(q.k == 3 and q.split == "heldout" for q in qs)
+    assert len(load_khop_queries("organism-khop:train", limit=3)) == 3

@@ -139,8 +139,8 @@ def organism_khop_world(path: str | os.PathLike | None = None):
     if not path.is_file():
         raise DataError(f"no k-hop world at {path}; train one with `mhop-lens organism-khop train --out DIR` and "
                         "pass DIR/world.json.")
-    if "chains" not in json.loads(path.read_text()):
-        raise DataError(f"{path} is a two-hop world (no 'chains'); pass it as two-hop data or a k-hop world.json.")
+    if "depth" not in json.loads(path.read_text()):
+        raise DataError(f"{path} is a two-hop world (no 'depth'); pass it as two-hop data or a k-hop world.json.")
     return KHopWorld.load(path)
 
 
@@ -174,4 +174,4 @@ def load_khop_queries(spec: str, *, limit: int | None = None, split: str | None 
 
 def _is_khop_world(path: Path) -> bool:
     p = path if path.suffix == ".json" else path / "world.json"
-    return p.is_file() and "chains" in json.loads(p.read_text())
+    return p.is_file() and "depth" in json.loads(p.read_text())
