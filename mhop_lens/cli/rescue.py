@@ -43,7 +43,7 @@ def markdown(frame, columns) -> str:
 @click.option("--train-fraction", type=float, default=0.5, show_default=True,
               help="Share of queries the rescue is selected / trained on; the rest is the test split.")
 @click.option("--positions", default="last,t1", show_default=True, help="Patch positions to select from.")
-@click.option("--map-steps", type=int, default=150, show_default=True, help="Training steps of the learned map.")
+@click.option("--map-steps", type=int, default=120, show_default=True, help="Training steps of the learned map.")
 @click.option("--map-candidates", type=int, default=2, show_default=True,
               help="(position, s, t) pairs the learned map is trained for (best train fix rates).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
