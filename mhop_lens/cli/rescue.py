@@ -54,9 +54,12 @@ def rescue(**kw) -> None:
     """Fixed pair, gated pair and learned map chosen on a train split; held-out net change with 95% intervals
     and a same-norm random-direction control (rescue.parquet, rescue.md, selection.json)."""
     from mhop_lens.analyses.rescue import run_rescue
+    from mhop_lens.errors import DataError
     from mhop_lens.models import load_model, resolve
     from mhop_lens.runs import RunStore
 
+    if not 0 < kw["train_fraction"] < 1:
+        raise DataError(f"--train-fraction must be between 0 and 1 (exclusive), not {kw['train_fraction']}.")
     queries = _queries(kw["data"], kw["limit"])
     resolve(kw["model"])
     store = RunStore(kw["out"], "rescue", kw)
