@@ -276,3 +276,72 @@ def one_hop_facts(frame: pd.DataFrame) -> dict:
         frame[["e2", "r2", "hop2_correct"]].set_axis(["subject", "relation", "correct"], axis=1),
     ]).drop_duplicates(["subject", "relation"])
     return {"n": len(facts), "accuracy": float(facts["correct"].mean())}
+
+
+# k hops ----------------------------------------------------------------------------------------------------------
+def khop_answer_texts(query, i: int) -> tuple[str, ...]:
+    """Label and aliases (longer than one character) of entity e_i of a ``KHopQuery``."""
+    label, *aliases = (a.strip() for a in dict.fromkeys((query.entity(i), *query.entity_aliases(i))))
+    return tuple(dict.fromkeys([label, *(a for a in aliases if len(a) > 1)]))
+
+
+def evaluate_khop(model, queries, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """One row per ``KHopQuery``: every prefix chain (``prefix{d}``: e1 -> e_{d+1}, d = 1..k; ``prefix{k}`` is the
+    full chain) and every single hop (``hop{j}``: e_j -r_j-> e_{j+1}) scored with the logprob scorer.
+
+    Columns per prompt ``X``: ``X_correct, X_rank, X_first_logprob, X_logprob`` (as ``evaluate``), plus
+    ``hops_known_{d}`` (hops 1..d all correct). For k = 2, ``prefix1 / prefix2 / hop2`` are ``evaluate``'s
+    ``hop1 / two_hop / hop2`` (organism prompts: ``prefix1`` and ``hop1`` are the same prompt).
+    """
+    queries = list(queries)
+    if not queries:
+        raise DataError("no k-hop queries to evaluate; check --data and --limit.")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, not {batch_size}.")
+    k_max = max(q.k for q in queries)
+    requests, keys = [], []
+    for qi, q in enumerate(queries):
+        for d in range(1, q.k + 1):
+            requests.append((q.prefix_prompt(d), khop_answer_texts(q, d + 1), q.answer_prefix))
+            keys.append((qi, f"prefix{d}"))
+        for j in range(1, q.k + 1):
+            requests.append((q.hop_prompt(j), khop_answer_texts(q, j + 1), q.answer_prefix))
+            keys.append((qi, f"hop{j}"))
+    with torch.inference_mode():
+        columns = _logprob_columns(model, requests, batch_size, progress)
+    rows = [{"qid": q.id, "split": q.split, "k": q.k}
+            | {f"e{i}": q.entity(i) for i in range(1, q.k + 2)}
+            | {f"r{j}": r for j, r in enumerate(q.relations, start=1)} for q in queries]
+    for n, (qi, kind) in enumerate(keys):
+        rows[qi] |= {f"{kind}_{name}": values[n] for name, values in columns.items()}
+    frame = pd.DataFrame(rows)
+    for d in range(1, k_max + 1):
+        frame[f"hops_known_{d}"] = frame[[f"hop{j}_correct" for j in range(1, d + 1)]].fillna(False).all(axis=1)
+    frame.attrs["scorer"] = "logprob"
+    return frame
+
+
+def summarize_khop(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (split, depth d): accuracy of the depth-d prefix chain and of hop d alone, and the
+    compositionality gap per depth.
+
+    ``gap``: share of chains with hops 1..d all known whose depth-d chain fails (the two-hop definition for d = 2).
+    ``step_gap``: share of chains whose depth-(d-1) prefix is right and hop d is known, yet the depth-d chain
+    fails: the failures that first appear at hop d.
+    """
+    out = []
+    splits = [("all", frame)] + [(s, g) for s, g in frame.groupby("split", sort=True) if s]
+    for split, g in splits:
+        for d in range(1, int(g["k"].max()) + 1):
+            g_d = g[g["k"] >= d]
+            chain = g_d[f"prefix{d}_correct"].astype(bool)
+            known = g_d[f"hops_known_{d}"].astype(bool)
+            row = {"split": split, "depth": d, "n": len(g_d), "chain_accuracy": chain.mean(),
+                   "hop_accuracy": g_d[f"hop{d}_correct"].astype(bool).mean(), "n_hops_known": int(known.sum()),
+                   "gap": float((~chain[known]).mean()) if known.any() else float("nan")}
+            if d > 1:
+                ready = g_d[f"prefix{d - 1}_correct"].astype(bool) & g_d[f"hop{d}_correct"].astype(bool)
+                row |= {"n_prefix_and_hop_right": int(ready.sum()),
+                        "step_gap": float((~chain[ready]).mean()) if ready.any() else float("nan")}
+            out.append(row)
+    return pd.DataFrame(out)

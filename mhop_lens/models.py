@@ -26,6 +26,7 @@ from mhop_lens.errors import ModelLoadError
 BUILTIN_MODELS = {
     "organism": "mhop_lens.organism",
     "organism-gar": "mhop_lens.organism_gar",
+    "organism-khop": "mhop_lens.organism_khop",
 }
 
 

@@ -11,9 +11,11 @@ from mhop_lens.cli.figures import figures
 from mhop_lens.cli.gar import gar
 from mhop_lens.cli.heads import COMMANDS as HEADS_COMMANDS
 from mhop_lens.cli.hopping import COMMANDS as HOPPING_COMMANDS
+from mhop_lens.cli.khop import organism_khop
 from mhop_lens.cli.notebooks import COMMANDS as NOTEBOOK_COMMANDS
 from mhop_lens.cli.organisms import organism, organism_gar
 from mhop_lens.cli.patching import COMMANDS as PATCHING_COMMANDS
+from mhop_lens.cli.rescue import khop, rescue
 from mhop_lens.cli.runs import merge
 from mhop_lens.cli.tuned_lens import tuned_lens
 
@@ -29,7 +31,7 @@ def main() -> None:
 
 
 for _command in (demo, evaluate, *HOPPING_COMMANDS, *PATCHING_COMMANDS, gar, *HEADS_COMMANDS, figures, organism,
-                 organism_gar, merge, bench, tuned_lens, *NOTEBOOK_COMMANDS):
+                 organism_gar, organism_khop, khop, rescue, merge, bench, tuned_lens, *NOTEBOOK_COMMANDS):
     main.add_command(_command)
 
 

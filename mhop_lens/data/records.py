@@ -179,3 +179,166 @@ def from_frame(frame: pd.DataFrame) -> list[TwoHopQuery]:
         row["meta"] = json.loads(row["meta"])
         out.append(TwoHopQuery(**row))
     return out
+
+
+# k hops ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KHopQuery:
+    """A chain e1 -r1-> e2 -r2-> ... -rk-> e_{k+1} (k >= 2) and its prompt in composing order.
+
+    ``entities`` holds e1..e_{k+1} (the last is the answer), ``relations`` r1..rk with their ``templates``;
+    ``spans`` are character spans in ``prompt`` of e1 and of every relation (keys ``e1``, ``r1`` .. ``rk``).
+    Prompts of the prefix chains and single hops are rendered from the templates; ``suffix`` ends every prompt.
+    ``view(i)`` is the ``TwoHopQuery`` that splits the chain at the bridge entity e_{i+1}; for k = 2, ``view(1)``
+    is exactly the two-hop record ``build_query`` makes, so every two-hop analysis runs on k-hop chains.
+    """
+
+    id: str
+    entities: tuple[str, ...]
+    relations: tuple[str, ...]
+    templates: tuple[str, ...]
+    prompt: str
+    spans: dict[str, Span]
+    suffix: str = " is"
+    aliases: tuple[tuple[str, ...], ...] = ()
+    answer_prefix: str = " "
+    split: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return len(self.relations)
+
+    @property
+    def answer(self) -> str:
+        return self.entities[-1]
+
+    def entity(self, i: int) -> str:
+        """e_i, 1-based (e1 is the subject, e_{k+1} the answer)."""
+        return self.entities[i - 1]
+
+    def entity_aliases(self, i: int) -> tuple[str, ...]:
+        return self.aliases[i - 1] if self.aliases else ()
+
+    def prefix_prompt(self, depth: int) -> str:
+        """The chain of the first ``depth`` hops, e1 -> e_{depth+1}, in composing order, plus the suffix."""
+        return _compose(self.templates[:depth], self.entities[0]) + self.suffix
+
+    def hop_prompt(self, i: int) -> str:
+        """Hop i asked alone: ``templates[i-1]`` applied to e_i (answer e_{i+1})."""
+        return self.templates[i - 1].format(self.entities[i - 1]) + self.suffix
+
+    def view(self, bridge: int) -> TwoHopQuery:
+        """The two-hop query (e1, r1..r_bridge composed, e_{bridge+1}, the remaining relations composed, answer)
+        on this prompt; spans ``hop1`` .. ``hopk`` locate every relation (as ``r1`` .. ``rk`` here)."""
+        if not 1 <= bridge < self.k:
+            raise DataError(f"query {self.id}: bridge must be in 1..{self.k - 1}, not {bridge}.")
+        first, rest = self.templates[:bridge], self.templates[bridge:]
+        q = build_query(
+            self.id, self.entities[0], "/".join(self.relations[:bridge]), self.entities[bridge],
+            "/".join(self.relations[bridge:]), self.answer, _compose(first, "{}"), _compose(rest, "{}"),
+            prompt=self.prompt, suffix=self.suffix, e1_aliases=self.entity_aliases(1),
+            e2_aliases=self.entity_aliases(bridge + 1), e3_aliases=self.entity_aliases(self.k + 1),
+            answer_prefix=self.answer_prefix, split=self.split, meta=self.meta,
+        )
+        hops = {f"hop{j}": self.spans[f"r{j}"] for j in range(1, self.k + 1)}
+        return TwoHopQuery(**{**{f: getattr(q, f) for f in q.__dataclass_fields__}, "spans": {**q.spans, **hops}})
+
+    @classmethod
+    def from_two_hop(cls, q: TwoHopQuery, suffix: str | None = None) -> KHopQuery:
+        """The k = 2 record of a two-hop query (e.g. a row of the study's CSV). ``suffix`` defaults to what
+        follows the composed phrase in ``q.prompt``."""
+        composed = q.r2_template.format(q.r1_template.format(q.e1))
+        if suffix is None:
+            at = q.prompt.lower().find(composed.lower())
+            suffix = q.prompt[at + len(composed):] if at >= 0 else ""
+        return cls(id=q.id, entities=(q.e1, q.e2, q.e3), relations=(q.r1, q.r2),
+                   templates=(q.r1_template, q.r2_template), prompt=q.prompt, spans=dict(q.spans), suffix=suffix,
+                   aliases=(q.e1_aliases, q.e2_aliases, q.e3_aliases), answer_prefix=q.answer_prefix,
+                   split=q.split, meta=dict(q.meta))
+
+
+def _compose(templates: tuple[str, ...] | list[str], inner: str) -> str:
+    """Apply templates in hop order: r1's template first, so the last relation is outermost."""
+    for t in templates:
+        inner = t.format(inner)
+    return inner
+
+
+def build_khop_query(
+    id: str,
+    entities: tuple[str, ...] | list[str],
+    relations: tuple[str, ...] | list[str],
+    templates: tuple[str, ...] | list[str],
+    *,
+    suffix: str = " is",
+    prompt: str | None = None,
+    aliases: tuple[tuple[str, ...], ...] | list | None = None,
+    answer_prefix: str = " ",
+    split: str = "",
+    meta: dict[str, Any] | None = None,
+) -> KHopQuery:
+    """Render the k-hop prompt of e1 -r1-> ... -rk-> e_{k+1} in composing order and locate e1 and every relation.
+
+    The prompt is the templates applied in hop order to e1 (``"{} 's spouse"`` then ``"{} 's boss"`` gives
+    "Mokar 's spouse 's boss") plus ``suffix``, unless ``prompt`` is given (it must contain the composed phrase).
+    """
+    entities, relations, templates = tuple(entities), tuple(relations), tuple(templates)
+    k = len(relations)
+    if k < 2 or len(entities) != k + 1 or len(templates) != k:
+        raise DataError(f"query {id}: a k-hop chain needs k >= 2 relations, k templates and k + 1 entities; got "
+                        f"{len(relations)} relations, {len(templates)} templates, {len(entities)} entities.")
+    for i, value in enumerate(entities, start=1):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"query {id}: e{i} is empty; every query needs all k + 1 entity labels.")
+    for t in templates:
+        _phrase(t)
+    aliases = tuple(tuple(a) for a in aliases) if aliases else ()
+    if aliases and len(aliases) != k + 1:
+        raise DataError(f"query {id}: aliases must give one list per entity ({k + 1}), not {len(aliases)}.")
+    composed = _compose(templates, entities[0])
+    prompt = prompt if prompt is not None else composed + suffix
+    at = prompt.lower().find(composed.lower())
+    if at < 0:
+        raise DataError(f"query {id}: the prompt {prompt!r} does not contain the composed phrase {composed!r}; "
+                        "fix the templates or the prompt so that e1 and the relations can be located.")
+    spans = {name: (a + at, b + at) for name, (a, b) in _chain_spans(entities[0], templates).items()}
+    return KHopQuery(id=str(id), entities=entities, relations=relations, templates=templates, prompt=prompt,
+                     spans=spans, suffix=suffix, aliases=aliases, answer_prefix=answer_prefix, split=split,
+                     meta=dict(meta or {}))
+
+
+def _chain_spans(e1: str, templates: tuple[str, ...]) -> dict[str, Span]:
+    """Spans of e1 and r1..rk in the composed phrase (as ``_composed_spans``, one relation at a time)."""
+    spans = {"e1": (0, len(e1))}
+    inner_len = len(e1)
+    for j, t in enumerate(templates, start=1):
+        before, after = t.split("{}")
+        spans = {name: (a + len(before), b + len(before)) for name, (a, b) in spans.items()}
+        spans[f"r{j}"] = _words_span(after, len(before) + inner_len) if after.strip() else _words_span(before, 0)
+        inner_len += len(before) + len(after)
+    return spans
+
+
+def khop_to_frame(queries: list[KHopQuery]) -> pd.DataFrame:
+    """One row per k-hop query; tuples, spans and meta as JSON strings so the frame survives parquet."""
+    rows = []
+    for q in queries:
+        row = asdict(q)
+        for key in ("entities", "relations", "templates", "spans", "aliases", "meta"):
+            row[key] = json.dumps(row[key])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def khop_from_frame(frame: pd.DataFrame) -> list[KHopQuery]:
+    """Inverse of ``khop_to_frame``."""
+    out = []
+    for row in frame.to_dict("records"):
+        for key in ("entities", "relations", "templates"):
+            row[key] = tuple(json.loads(row[key]))
+        row["aliases"] = tuple(tuple(a) for a in json.loads(row["aliases"]))
+        row["spans"] = {k: tuple(v) for k, v in json.loads(row["spans"]).items()}
+        row["meta"] = json.loads(row["meta"])
+        out.append(KHopQuery(**row))
+    return out
