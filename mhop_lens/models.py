@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mhop_lens.analyses.hf_compat import ensure_cache_plumbing
 from mhop_lens.errors import ModelLoadError
 
 #: Built-in models shipped inside the package: name -> import path of a module with ``assets_dir()``.
@@ -104,6 +105,7 @@ def load_model(
         raise ModelLoadError(f"could not load {target!r}: {str(e).splitlines()[0]} Is it a causal LM "
                              "directory saved with save_pretrained?") from e
     bridge.enable_compatibility_mode()
+    ensure_cache_plumbing(bridge)  # transformers >= 5.24 passes the KV cache as `cache=`, which TL 4.3 ignores
     bridge.eval()
     bridge.mhop_name = str(name_or_path)
     bridge.mhop_load_seconds = time.perf_counter() - start

@@ -135,7 +135,8 @@ def _run_length(model, long: bool, info: dict) -> None:
                 nxt = int(model(ids)[0, -1].argmax())
             want.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
-        eos = set(np.atleast_1d(model.original_model.generation_config.eos_token_id or []).tolist())
+        eos = model.original_model.generation_config.eos_token_id
+        eos = set(np.atleast_1d(eos).tolist()) if eos is not None else set()
         cut = next((j for j, t in enumerate(want) if t in eos), len(want))
         assert got[p] == want[:cut], (p, got[p], want)
 
