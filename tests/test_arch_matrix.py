@@ -33,12 +33,11 @@ from mhop_lens.tokens import encode
 TOL = 1e-4
 #: Architectures TransformerLens 4.3's bridge cannot boot from a tiny random model here (reason in the skip).
 KNOWN_BOOT_FAILURES: dict[str, str] = {}
-CONTEXT = "The river of London is the Thames. The country of Kyoto is Japan. The founder of Microsoft is Bill Gates. "
+CONTEXT = "The river of London is the Thames. "
 FACTS = [
     ("Imagine", "performer", "John Lennon", "spouse", "Yoko Ono"),
     ("Hamlet", "author", "William Shakespeare", "mother", "Mary Arden"),
     ("Microsoft", "founder", "Bill Gates", "birthplace", "Seattle"),
-    ("Kyoto", "country", "Japan", "currency", "the yen"),
 ]
 WORDS = ["Kyoto", "London", "Paris", "Japan", "Seattle", "Hamlet", "Imagine", "Microsoft", "Syria", "Samsung"]
 RESULTS: dict[str, dict] = {}
@@ -55,7 +54,7 @@ def _pairs(model, long: bool):
     counts: dict[int, list[str]] = {}
     for w in WORDS:
         counts.setdefault(len(model.tokenizer(" " + w, add_special_tokens=False)["input_ids"]), []).append(w)
-    words = max(counts.values(), key=len)[:4]
+    words = max(counts.values(), key=len)[:3]
     assert len(words) >= 2
     head = CONTEXT if long else ""
     prompts = [f"{head}The capital of the country of {w} is" for w in words]
