@@ -28,6 +28,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mhop_lens.analyses.hf_compat import ensure_cache_plumbing
 from mhop_lens.data.records import PROMPT_KINDS, TwoHopQuery
 from mhop_lens.errors import DataError, SpanError
 from mhop_lens.tokens import encode, tokenize_one
@@ -208,6 +209,7 @@ def generate_greedy(model, need: dict[str, int], batch_size: int = 64, progress:
     Uses the HF model under the bridge with left padding and the attention mask, so a batched row equals the
     one-by-one generation.
     """
+    ensure_cache_plumbing(model)  # else transformers >= 5.24 generates from an empty KV cache under TL 4.3
     hf = model.original_model
     eos = hf.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

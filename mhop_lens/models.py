@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mhop_lens.analyses.hf_compat import ensure_cache_plumbing
 from mhop_lens.errors import ModelLoadError
 
 #: Built-in models shipped inside the package: name -> import path of a module with ``assets_dir()``.
@@ -214,6 +215,7 @@ def load_model(
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); the file is "
                              "truncated or corrupt. Re-download the model, or re-save it with save_pretrained.") from e
     bridge.enable_compatibility_mode()
+    ensure_cache_plumbing(bridge)  # transformers >= 5.24 passes the KV cache as `cache=`, which TL 4.3 ignores
     bridge.eval()
     bridge.mhop_name = str(name_or_path)
     bridge.mhop_load_seconds = time.perf_counter() - start

@@ -65,6 +65,7 @@ def test_reused_block_args_equal_fresh_captures(tiny_model, monkeypatch):
 
 def test_shared_prefix_clean_run_equals_plain(tiny_model):
     """Rows that differ only in the last token share their prefix's forward; results equal the plain forward."""
+    from mhop_lens.analyses.hf_compat import kv_layers
     from mhop_lens.analyses.partial_forward import _prefix_groups, _shared_clean_run
 
     prompts = ["The spouse of the performer of Imagine is", "The spouse of the performer of Imagine the",
@@ -76,8 +77,8 @@ def test_shared_prefix_clean_run_equals_plain(tiny_model):
     plain = clean_run(tiny_model, enc, share_prefixes=False)
     assert (shared.streams - plain.streams).abs().max() < 1e-4
     assert (shared.last_logits - plain.last_logits).abs().max() < 1e-4
-    for a, b in zip(shared.kv.layers, plain.kv.layers, strict=True):
-        assert (a.keys - b.keys).abs().max() < 1e-4 and (a.values - b.values).abs().max() < 1e-4
+    for (ka, va), (kb, vb) in zip(kv_layers(shared.kv), kv_layers(plain.kv), strict=True):
+        assert (ka - kb).abs().max() < 1e-4 and (va - vb).abs().max() < 1e-4
 
 
 def test_kept_block_args_outlive_a_call(tiny_model, monkeypatch):

@@ -359,11 +359,14 @@ def readout(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vo
 # verdicts -------------------------------------------------------------------------------------------------------
 def condition(model, enc: Encoded) -> tuple:
     """What can change whether the fast path reproduces the full forward on ``enc``: whether the prompts reach each
-    sliding window, padding side, whether any row is padded, batch shape, dtype and device."""
+    sliding window, padding side, whether any row is padded, the batch shape (one row or several: HF squeezes some
+    one-row masks), dtype and device. The width itself matters only through the windows, so batches of one sweep
+    share a verdict instead of paying the check's three forwards each."""
     width = enc.tokens.shape[1]
     padded = bool((enc.attention_mask == 0).any())
-    return (tuple(width >= w for w in attention_windows(model)), enc.padding_side, padded, tuple(enc.tokens.shape),
-            str(getattr(model.cfg, "dtype", None)), str(enc.tokens.device))
+    return (tuple(width >= w for w in attention_windows(model)), enc.padding_side, padded,
+            "one row" if enc.tokens.shape[0] == 1 else "rows", str(getattr(model.cfg, "dtype", None)),
+            str(enc.tokens.device))
 
 
 def _verdicts(model, name: str) -> dict:
