@@ -124,7 +124,8 @@ def cost_line(attrs: dict) -> str:
                  f"{attrs['partial_backward_layers_per_batch']:.0f} layer-backwards)")
     if attrs.get("qk_passes"):
         line += (f" + {attrs['qk_passes_per_batch']:.0f} QK-recompute passes "
-                 f"({attrs['qk_block_rows_per_batch']:.0f} block-rows)")
+                 f"({attrs['qk_block_rows_per_batch']:.0f} block-rows) + "
+                 f"{attrs['capture_forwards_per_batch']:.0f} forward stopped at block 0")
     line += f" per batch = {attrs['forward_equivalents_per_batch']:.1f} forward-equivalents"
     return line
 
@@ -394,24 +395,40 @@ def _attention_input(store: dict, key) -> Callable:
 
 
 @torch.no_grad()
-def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor, attention_mask: Tensor
-                           ) -> Float[Tensor, "node batch pos head d_head"]:
+def _block_args(model, width: int, attention_mask: Tensor, copies: int) -> tuple[list, dict, int]:
+    """Block-call arguments for ``copies`` copies of the batch, captured by one forward stopped at block 0
+    (``partial_forward.block_call``); smaller calls cut them (``for_call``). Returns (args, kwargs, rows)."""
+    from mhop_lens.analyses.partial_forward import block_call, stored
+
+    mask = attention_mask.repeat(copies, 1)
+    args, kwargs = stored(*block_call(model, width, mask, None))
+    return args, kwargs, mask.shape[0]
+
+
+@torch.no_grad()
+def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor, attention_mask: Tensor,
+                           captured: tuple[list, dict, int]) -> Float[Tensor, "node batch pos head d_head"]:
     """Head outputs ``z`` of ``layer`` when each node's write is added to the residual entering it.
 
     One batched pass per layer through the model's own block, stopped at ``hook_z`` (norm, q/k/v projections,
     scores, softmax, pattern @ v; no output projection, no MLP): copies along the batch dimension, ``QK_ROWS`` rows
-    at a time.
+    at a time, with the block arguments ``captured`` once per batch (:func:`_block_args`).
     """
-    from mhop_lens.analyses.partial_forward import kept_block_args
+    from mhop_lens.analyses.partial_forward import block_call, for_call, stored
 
     n, b = writes.shape[0], resid_pre.shape[0]
     out = []
     per = max(1, QK_ROWS // b)
+    cap_args, cap_kwargs, cap_rows = captured
     for i in range(0, n, per):
         w = writes[i : i + per]
         hidden = (resid_pre.unsqueeze(0) + w).reshape(-1, *resid_pre.shape[1:])
-        mask = attention_mask.repeat(w.shape[0], 1)
-        args, kwargs = kept_block_args(model)(hidden.shape[1], mask, None)
+        rows = hidden.shape[0]
+        if rows <= cap_rows and cap_rows not in (hidden.shape[1],):
+            args, kwargs = for_call(cap_args, cap_kwargs, None, cap_rows, rows)
+        else:  # rare: cutting would be ambiguous; capture for this call
+            args, kwargs = for_call(*stored(*block_call(model, hidden.shape[1], attention_mask.repeat(w.shape[0], 1),
+                                                        None)), None)
         if args:
             args[0] = hidden
         else:
@@ -443,7 +460,7 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
     contribution dropped (a backward from resid_pre_l seeded with dmetric/dresid_post_l, over layers < l only);
     ``atp_star_gd`` = sum_l |I_l| / (L - 1), a magnitude as in the paper.
     Cost per batch: 2 forwards, 1 backward, L-1 partial backwards, L-1 recompute passes (each <= one block on
-    n_earlier_nodes copies of the batch).
+    n_earlier_nodes copies of the batch) and one forward stopped at block 0 that captures the block arguments.
     """
     n_layers = model.cfg.n_layers
     clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
@@ -469,12 +486,15 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
         plain = {k: _node_scores(k[0], deltas[k], grads[k]) for k in node_keys}
         # per later layer: each earlier node's write and the exact change of that layer's head outputs
         fixes: dict[int, tuple[list, Tensor, Tensor]] = {}
+        copies = min(len(_writes_before(model, named, n_layers - 1, deltas)[0]), max(1, QK_ROWS // len(rows)))
+        captured = _block_args(model, corrupt.tokens.shape[1], corrupt.attention_mask, max(1, copies))
+        counter.extra["capture_forwards"] = counter.extra.get("capture_forwards", 0) + 1
         for layer in later:
             ids, writes = _writes_before(model, named, layer, deltas)
             if not ids:
                 continue
             z_new = _attention_with_writes(model, layer, store[("pre", layer)].detach(), writes,
-                                           corrupt.attention_mask)
+                                           corrupt.attention_mask, captured)
             counter.extra["qk_passes"] = counter.extra.get("qk_passes", 0) + 1
             counter.extra["qk_block_rows"] = counter.extra.get("qk_block_rows", 0) + len(ids)
             fixes[layer] = (ids, writes, z_new - store[("zall", layer)].detach())
