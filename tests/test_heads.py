@@ -129,6 +129,8 @@ def test_cli_generate_evaluate_find_intervene(tmp_path, gar_dir):
              ["gar", "evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev")],
              ["attribute", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "at"),
               "--sites", "z", "--exact", "--edges"],
+             ["attribute", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "as"),
+              "--sites", "z", "--method", "atp-star", "--exact"],
              ["heads", "find", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "hf"),
               "--k", "2", "--group-by", "none"],
              ["heads", "intervene", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "hi"),

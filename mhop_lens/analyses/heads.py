@@ -216,34 +216,42 @@ def _probe_accuracy(true: Float[Tensor, "pair d"], false: Float[Tensor, "pair d"
 
 
 @torch.no_grad()
+def direct_effects(model, enc, yes: str = " Yes", no: str = " No", cache=None) -> Float[Tensor, "batch layer head"]:
+    """Each head's direct effect on logit(Yes) - logit(No) at each row's END: ``z_h W_O[h]`` through the final norm
+    with the run's own scale frozen (direct logit attribution), dotted with ``W_U[Yes] - W_U[No]``."""
+    n_layers = model.cfg.n_layers
+    direction, weight, centre = _final_norm_direction(model, yes, no)
+    if cache is None:
+        _, cache = run_with_cache(model, enc, [hooks.head(l, "z") for l in range(n_layers)] + ["ln_final.hook_scale"])
+    rows, last = torch.arange(enc.tokens.shape[0]), enc.last
+    zs = torch.stack([cache[hooks.head(l, "z")][rows, last] for l in range(n_layers)], 1).float().cpu()
+    scale = cache["ln_final.hook_scale"][rows, last].float().cpu().reshape(-1, 1, 1)
+    out = torch.einsum("blhd,lhdm->blhm", zs, model.W_O.detach().float().cpu())
+    if centre:
+        out = out - out.mean(-1, keepdim=True)
+    if weight is not None:
+        out = out * weight.cpu()
+    return (out @ direction.cpu()) / scale
+
+
+@torch.no_grad()
 def head_profiles(model, pairs: PairSet, batch_size: int = 32, yes: str = " Yes", no: str = " No") -> pd.DataFrame:
     """Per head, what it writes and what it represents, split by truth (true = the pair's Yes row).
 
-    ``direct_true`` / ``direct_false``: mean direct effect of the head's END output on logit(Yes) - logit(No), on
-    true / false rows: ``z_h W_O[h]`` through the final norm with the run's own scale frozen (direct logit
-    attribution), dotted with ``W_U[Yes] - W_U[No]``. ``probe_acc``: held-out accuracy of a linear probe of the
-    head's END ``z`` for truth (:func:`_probe_accuracy`; chance 0.5).
+    ``direct_true`` / ``direct_false``: mean :func:`direct_effects` on true / false rows. ``probe_acc``: held-out
+    accuracy of a linear probe of the head's END ``z`` for truth (:func:`_probe_accuracy`; chance 0.5).
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    direction, weight, centre = _final_norm_direction(model, yes, no)
     names = [hooks.head(l, "z") for l in range(n_layers)] + ["ln_final.hook_scale"]
     z = {True: [], False: []}
     direct = {True: [], False: []}
-    w_o = model.W_O.detach().float()  # [layer, head, d_head, d_model]
     for batch in pair_batches(model, pairs.clean, pairs.corrupted, batch_size, "head profiles"):
         for truth, enc in ((True, batch.clean), (False, batch.corrupt)):
             _, cache = run_with_cache(model, enc, names)
             rows = torch.arange(enc.tokens.shape[0])
-            last = enc.last
-            zs = torch.stack([cache[hooks.head(l, "z")][rows, last] for l in range(n_layers)], 1).float().cpu()
-            scale = cache["ln_final.hook_scale"][rows, last].float().cpu()  # [b, 1]
-            out = torch.einsum("blhd,lhdm->blhm", zs, w_o.cpu())
-            if centre:
-                out = out - out.mean(-1, keepdim=True)
-            if weight is not None:
-                out = out * weight.cpu()
-            direct[truth].append((out @ direction.cpu()) / scale.view(-1, 1, 1))
-            z[truth].append(zs)
+            z[truth].append(torch.stack([cache[hooks.head(l, "z")][rows, enc.last] for l in range(n_layers)], 1)
+                            .float().cpu())
+            direct[truth].append(direct_effects(model, enc, yes, no, cache))
     d_true, d_false = torch.cat(direct[True]), torch.cat(direct[False])
     z_true, z_false = torch.cat(z[True]), torch.cat(z[False])
     rows = []
