@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 
@@ -123,13 +123,23 @@ def _gen_guesses(ex: GarExample, kinds: dict[str, str]) -> dict[str, Callable[[]
     return {"first_item": ans[0], "last_item": ans[-1], "unique_key_item": unique}
 
 
+def _tie_credit(counts: Counter, gold: str, labels: Sequence[str]) -> float:
+    """Expected accuracy of answering a majority label of ``counts`` chosen uniformly among the tied ones (all of
+    ``labels`` tie when ``counts`` is empty)."""
+    top = max(counts.values(), default=0)
+    tied = [k for k, v in counts.items() if v == top] if top else list(labels)
+    return (gold in tied) / len(tied) if tied else 0.0
+
+
 def shortcut_baselines(world, exs: list[GarExample], fit: list[GarExample]) -> dict[str, dict]:
     """Best single-cue predictor per form, fitted on ``fit`` (fresh examples) and scored on ``exs``.
 
     Yes/No forms: for each cue, the majority label per cue value. Generation forms: answering the first / last
     context item, the item whose key occurs once (random among several), a uniformly random context candidate
     (expected accuracy), and the most frequent fitted answer. ``chance`` is 0.5 for Yes/No and
-    E[1/#candidates] for generation.
+    E[1/#candidates] for generation. Independent of tie order: where several labels / answers tie for the majority
+    (or a cue value never occurs in ``fit``: all labels tie), the predictor is credited 1/#tied when gold is among
+    them (its expected accuracy choosing uniformly among the tied ones).
     """
     kinds = dict(world.value_relations[KIND_RELATION].facts)
     by_form: dict[str, list[GarExample]] = defaultdict(list)
@@ -147,9 +157,9 @@ def shortcut_baselines(world, exs: list[GarExample], fit: list[GarExample]) -> d
                 table: dict[object, Counter] = defaultdict(Counter)
                 for e in fit_by_form[form]:
                     table[_cues(e, kinds)[cue]][e.answer.strip()] += 1
-                guess = [table[_cues(e, kinds)[cue]].most_common(1)[0][0] if table[_cues(e, kinds)[cue]] else "Yes"
-                         for e in es]
-                res[cue] = sum(g == a for g, a in zip(guess, gold, strict=True)) / len(es)
+                labels = sorted({e.answer.strip() for e in fit_by_form[form]} | set(gold))
+                res[cue] = sum(_tie_credit(table[_cues(e, kinds)[cue]], a, labels)
+                               for e, a in zip(es, gold, strict=True)) / len(es)
             chance = 0.5
         else:
             guesses = [_gen_guesses(e, kinds) for e in es]
@@ -158,8 +168,8 @@ def shortcut_baselines(world, exs: list[GarExample], fit: list[GarExample]) -> d
             res["unique_key_item"] = sum(g["unique_key_item"].count(a) / max(1, len(g["unique_key_item"]))
                                          for g, a in zip(guesses, gold, strict=True)) / len(es)
             res["random_candidate"] = sum(1 / len(e.candidates) for e in es) / len(es)
-            prior = Counter(e.answer.strip() for e in fit_by_form[form]).most_common(1)[0][0]
-            res["prior_majority"] = sum(a == prior for a in gold) / len(es)
+            prior = Counter(e.answer.strip() for e in fit_by_form[form])
+            res["prior_majority"] = sum(_tie_credit(prior, a, sorted(prior)) for a in gold) / len(es)
             chance = res["random_candidate"]
         best = max(res, key=res.get)
         out[form] = {"chance": round(chance, 4), "best_cue": best, "best": round(res[best], 4),
