@@ -215,3 +215,13 @@ def test_classify_rule_on_synthetic_profiles():
                          "probe_acc": [0.9, 0.9, 0.9, 0.9, 0.9, 0.6]})
     out = hd.classify(prof)
     assert list(out["head_class"]) == ["True", "False", "mixed", "other", "other", "other"]
+
+
+def test_circuit_figure_colours_head_classes():
+    from mhop_lens.viz.heads import CLASS_COLORS, fig_circuit
+
+    scores = pd.DataFrame({"layer": [0, 1, 1, 2], "head": [0, 0, 1, 1], "score": [3.0, 2.0, -1.5, 1.0],
+                           "head_class": ["other", "True", "False", "mixed"], "attn_d_A": [0.1, 1.2, -0.8, 0.0]})
+    fig = fig_circuit(scores, k=4)
+    nodes = {t.name: t.marker.color for t in fig.data if t.name and t.name.endswith("head (class)")}
+    assert nodes == {f"{c} head (class)": CLASS_COLORS[c] for c in ("True", "False", "mixed", "other")}
