@@ -3,6 +3,8 @@
 Issue 15's acceptance setting: 400 held-out counter-pairs (``eval_examples(world, 100)``, the shipped seed-0
 organism), metric logit(Yes) - logit(No), every head's ``hook_z``. Prints signed and |.| Spearman, how many of
 exact patching's top 4 are in each method's top 6, the top exact head's estimate, and passes per batch.
+``--diagnose L0H1 [--diagnose-pairs 64]`` instead adds the head's write (``delta z W_O``) to the attention input
+of single later layers of the corrupted run and prints the metric change per route (why AtP* misses it).
 Run: ``python benchmarks/heads_atp_star.py [--pairs 400] [--model organism-gar] [--out results.json]``.
 """
 
@@ -22,6 +24,39 @@ from mhop_lens.organism_gar.evaluate import eval_examples
 from mhop_lens.organism_gar.world import build_world
 
 
+@torch.no_grad()
+def diagnose(model, pairs, metric, layer: int, head: int) -> dict[str, float]:
+    """Metric change when the head's clean-minus-corrupted write enters only some later attention inputs (or the
+    MLP inputs), against the head's full patching effect."""
+    from mhop_lens.analyses.attribution import encode_pairs, end_logits
+    from mhop_lens.forward import run, run_with_cache
+
+    rows = torch.arange(len(pairs))
+    clean, corrupt = encode_pairs(model, pairs.clean, pairs.corrupted)
+    name = f"blocks.{layer}.attn.hook_z"
+    _, c_cache = run_with_cache(model, clean, [name])
+    _, k_cache = run_with_cache(model, corrupt, [name])
+    write = (c_cache[name][:, :, head] - k_cache[name][:, :, head]) @ model.W_O[layer, head]
+    base = metric(end_logits(run(model, corrupt), corrupt), rows).mean()
+
+    def effect(hook_names: list[str]) -> float:
+        edits = [(n, lambda a, hook: a + write) for n in hook_names]
+        return float(metric(end_logits(run(model, corrupt, edits), corrupt), rows).mean() - base)
+
+    def patch(a, hook):
+        a = a.clone()
+        a[:, :, head] = c_cache[name][:, :, head]
+        return a
+
+    later = list(range(layer + 1, model.cfg.n_layers))
+    out = {"full_patch": float(metric(end_logits(run(model, corrupt, [(name, patch)]), corrupt), rows).mean() - base)}
+    for l in later:
+        out[f"attention_L{l}_only"] = effect([f"blocks.{l}.ln1.hook_in"])
+    out["attention_all_later"] = effect([f"blocks.{l}.ln1.hook_in" for l in later])
+    out["mlps_only"] = effect([f"blocks.{l}.ln2.hook_in" for l in range(layer, model.cfg.n_layers)])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=400)
@@ -29,12 +64,21 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--diagnose", default=None, help="A head, e.g. L0H1: print its routes instead.")
+    parser.add_argument("--diagnose-pairs", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model, device="cpu")
     pairs = counter_pairs(model, eval_examples(build_world(), n_per_task=-(-args.pairs // 4)))
     pairs = pairs.subset(range(min(args.pairs, len(pairs))))
     metric = metrics.yes_no(model, len(pairs))
+    if args.diagnose:
+        import re
+
+        layer, head = map(int, re.fullmatch(r"L(\d+)H(\d+)", args.diagnose).groups())
+        sub = pairs.subset(range(min(args.diagnose_pairs, len(pairs))))
+        print(json.dumps(diagnose(model, sub, metrics.yes_no(model, len(sub)), layer, head), indent=1))
+        return
     runs, rows = {}, []
     for method in ("exact", "atp", "atp-star", "ig"):
         t0 = time.perf_counter()
