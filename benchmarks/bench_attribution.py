@@ -1,4 +1,4 @@
-"""AtP over all heads vs exact per-head patching: time, forwards/backwards per batch, Spearman rank agreement.
+"""AtP and AtP* over all heads vs exact per-head patching: time, passes per batch, Spearman rank agreement.
 
 Settings (each skipped with a note when its model is missing):
 - ``organism-gar``: the in-context GAR organism on its lookup: generation rows with the query key swapped for
@@ -7,7 +7,10 @@ Settings (each skipped with a note when its model is missing):
 - ``tiny``: a tiny random GPT-2 (word vocabulary) on GAR Yes/No counter-pairs (mechanics only);
 - ``gpt2-small-shape``: a random 12-layer, 768-d, 12-head GPT-2 on two-hop-style prompts (cost at real width).
 
-Run: ``python benchmarks/bench_attribution.py [--quick] [--out results.json]``. Ratios compare runs made here.
+AtP* (``method="atp-star"``) is timed beside AtP with its passes per batch and forward-equivalents (a backward =
+2 forwards, a partial backward or recompute pass by the share of blocks it runs); ``star_speedup`` = exact time /
+AtP* time in the same run. Run: ``python benchmarks/bench_attribution.py [--quick] [--settings gpt2-small-shape]
+[--out results.json]``. Ratios compare runs made here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import torch
 
 from mhop_lens.analyses import metrics
-from mhop_lens.analyses.attribution import attribute, exact_patching, rank_agreement
+from mhop_lens.analyses.attribution import attribute, cost_line, exact_patching, rank_agreement
 from mhop_lens.errors import ModelLoadError
 from mhop_lens.models import load_model
 
@@ -68,12 +71,22 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
     exact = exact_patching(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size)
     t_exact = time.perf_counter() - t0
     agree = rank_agreement(atp, exact)
+    attribute(model, clean[:1], corrupt[:1], metric, sites=("z",), method="atp-star")
+    t0 = time.perf_counter()
+    star = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, method="atp-star")
+    t_star = time.perf_counter() - t0
+    star_agree = rank_agreement(star, exact, value="atp_star")
     row = {"setting": name, "pairs": len(clean), "heads": model.cfg.n_layers * model.cfg.n_heads,
            "atp_s": t_atp, "atp_forwards_per_batch": atp.attrs["forwards_per_batch"],
            "atp_backwards_per_batch": atp.attrs["backwards_per_batch"], "exact_s": t_exact,
            "exact_forwards_per_batch": exact.attrs["forwards_per_batch"], "speedup": t_exact / t_atp,
            "metric_clean": float(atp["metric_clean"].mean()), "metric_corrupt": float(atp["metric_corrupt"].mean()),
-           **agree}
+           **agree, "star_s": t_star, "star_speedup": t_exact / t_star,
+           "star_forward_equivalents_per_batch": star.attrs["forward_equivalents_per_batch"],
+           "exact_forward_equivalents_per_batch": exact.attrs["forward_equivalents_per_batch"],
+           "star_spearman": star_agree["spearman"], "star_spearman_abs": star_agree["spearman_abs"],
+           "star_top_exact_atp": star_agree["top_exact_atp"], "star_cost": cost_line(star.attrs),
+           "exact_cost": cost_line(exact.attrs)}
     if ig_steps:
         t0 = time.perf_counter()
         ig = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, ig_steps=ig_steps)
@@ -86,6 +99,9 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
           f"{agree['spearman']:.3f} (|.| {agree['spearman_abs']:.3f}); top exact {agree['top_exact_node']} "
           f"{agree['top_exact_effect']:+.3f} vs AtP {agree['top_exact_atp']:+.3f}"
           + (f"; IG({ig_steps}) Spearman {row['ig_spearman']:.3f}" if ig_steps else ""), flush=True)
+    print(f"[{name}] AtP* {t_star:.2f}s ({row['star_cost']}) vs exact ({row['exact_cost']}): "
+          f"{row['star_speedup']:.1f}x faster; Spearman {row['star_spearman']:.3f} "
+          f"(|.| {row['star_spearman_abs']:.3f})", flush=True)
     return row
 
 
@@ -94,11 +110,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Few pairs, smaller settings (a minute on a laptop).")
     parser.add_argument("--out", default=None, help="Write the rows as JSON here.")
     parser.add_argument("--ig-steps", type=int, default=8)
+    parser.add_argument("--settings", default="organism-gar,organism,tiny,gpt2-small-shape",
+                        help="Comma list of settings to run.")
     args = parser.parse_args()
+    settings = args.settings.split(",")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     n = 8 if args.quick else 64
     rows = []
-    for name in ("organism-gar", "organism"):
+    for name in [s for s in ("organism-gar", "organism") if s in settings]:
         try:
             model = load_model(name, device="cpu")
         except ModelLoadError as e:
@@ -124,15 +143,22 @@ def main() -> None:
         words = sorted({w for e in exs for w in e.prompt.split()} | {"Yes", "No"})
         tiny = load_model(save_tiny_model(f"{tmp}/tiny", "gpt2", n_layers=4, d_model=64, n_heads=4, n_ctx=256,
                                           tokenizer=make_tokenizer("word", words=words)), device="cpu")
-        rows.append(measure("tiny", tiny, *_gar_pairs(tiny, exs, n), batch_size=16, ig_steps=args.ig_steps))
+        if "tiny" in settings:
+            rows.append(measure("tiny", tiny, *_gar_pairs(tiny, exs, n), batch_size=16, ig_steps=args.ig_steps))
+        if "gpt2-small-shape" not in settings:
+            return _write(rows, args.out)
         big = load_model(save_tiny_model(f"{tmp}/gpt2s", "gpt2", n_layers=12, d_model=768, n_heads=12),
                          device="cpu")
         m = 4 if args.quick else 16
         rows.append(measure("gpt2-small-shape", big, *_synthetic_pairs(big, m), batch_size=m))
-    if args.out:
-        with open(args.out, "w") as f:
+    _write(rows, args.out)
+
+
+def _write(rows: list, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
             json.dump(rows, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -127,3 +127,46 @@ def test_ig_recovers_exact_head_ranking_on_the_organism(organism):
     ig = attribute(organism, p.clean, p.corrupted, metric, sites=("z",), ig_steps=1, batch_size=24)
     assert exact["metric_clean"].mean() > 5 > -5 > exact["metric_corrupt"].mean()
     assert rank_agreement(ig, exact)["spearman"] > 0.8
+
+
+def test_atp_star_passes_counted_by_independent_hooks(tiny_models):
+    """AtP*: 2 forwards + 1 full backward (seen by the test's own hooks), L-1 partial backwards (GradDrop) and
+    L-1 recompute passes (block calls only), plus one forward stopped at block 0 for the block arguments."""
+    model = tiny_models["llama"]
+    clean, corrupt = _aligned(model)
+    with independent_pass_count(model) as counts:
+        frame = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star",
+                          batch_size=len(clean))
+    n_layers = model.cfg.n_layers
+    assert frame.attrs["capture_forwards_per_batch"] == 1
+    assert counts == {"fwd": 2 + 1, "bwd": 1}
+    assert frame.attrs["forwards_per_batch"] == 2 and frame.attrs["backwards_per_batch"] == 1
+    assert frame.attrs["partial_backwards_per_batch"] == n_layers - 1
+    assert frame.attrs["qk_passes_per_batch"] == n_layers - 1
+    exact = exact_patching(model, clean, corrupt, _metric(model, len(clean)), batch_size=len(clean))
+    assert frame.attrs["forward_equivalents_per_batch"] < exact.attrs["forward_equivalents_per_batch"]
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
+
+
+def test_atp_star_is_zero_without_perturbation_and_atp_in_the_last_layer(tiny_model):
+    model = tiny_model
+    clean, corrupt = _aligned(model)
+    metric = _metric(model, len(clean))
+    same = attribute(model, clean, clean, metric, sites=("z", "mlp_out"), method="atp-star")
+    assert same[["atp_star", "atp_star_gd", "atp"]].abs().max().max() < 1e-6
+    star = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star")
+    plain = attribute(model, clean, corrupt, metric, sites=("z",))
+    last = star["layer"] == model.cfg.n_layers - 1
+    assert np.allclose(star["atp"], plain["atp"], atol=1e-5)
+    assert np.allclose(star.loc[last, "atp_star"], star.loc[last, "atp"], atol=1e-6)  # no later attention layer
+    assert (star.loc[~last, "atp_star"] - star.loc[~last, "atp"]).abs().max() > 0  # the fix acts before it
+    assert (star["atp_star_gd"] >= 0).all()
+
+
+def test_atp_star_refuses_per_span_scores(tiny_models):
+    model = tiny_models["gpt2"]
+    clean, corrupt = _aligned(model)
+    with pytest.raises(SpanError, match="per-span"):
+        attribute(model, clean, corrupt, _metric(model, len(clean)), per_position=[{}] * len(clean),
+                  method="atp-star")

@@ -129,6 +129,8 @@ def test_cli_generate_evaluate_find_intervene(tmp_path, gar_dir):
              ["gar", "evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev")],
              ["attribute", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "at"),
               "--sites", "z", "--exact", "--edges"],
+             ["attribute", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "as"),
+              "--sites", "z", "--method", "atp-star", "--exact"],
              ["heads", "find", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "hf"),
               "--k", "2", "--group-by", "none"],
              ["heads", "intervene", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "hi"),
@@ -140,3 +142,86 @@ def test_cli_generate_evaluate_find_intervene(tmp_path, gar_dir):
                   "hf/head_scores", "hi/interventions", "hi/summary"):
         assert len(pd.read_parquet(tmp_path / f"{table}.parquet"))
     assert len(parse_heads(str(tmp_path / "hf"))) == 2 and parse_heads("L1H2,0.3") == [(1, 2), (0, 3)]
+
+
+def _hand_built_truth_model(tmp_path):
+    """A 1-layer, 2-head Llama with weights set by hand: prompts "<bos> T ?" (true) and "<bos> F ?" (false).
+
+    Attention is uniform (W_Q = W_K = 0). Head 0's value reads the T-indicator and its output writes along W_U[Yes];
+    head 1's value reads the F-indicator and writes along W_U[No]. The MLP is zero.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mhop_lens.models import load_model
+    from mhop_lens.tiny_models import make_tokenizer
+
+    tok = make_tokenizer("word", words=["T", "F", "?", "Yes", "No"])
+    vocab = tok.get_vocab()
+    d = 8
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=4, max_position_embeddings=16,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm,
+                     model.model.norm):
+            norm.weight.fill_(1.0)
+        emb = model.model.embed_tokens.weight
+        emb[:, 7] = 1.0  # a constant dimension keeps every norm finite
+        emb[vocab["T"], 0] = 3.0
+        emb[vocab["F"], 1] = 3.0
+        attn = model.model.layers[0].self_attn
+        attn.v_proj.weight[0, 0] = 1.0  # head 0 (rows 0..3) reads T
+        attn.v_proj.weight[4, 1] = 1.0  # head 1 (rows 4..7) reads F
+        attn.o_proj.weight[5, 0] = 4.0  # head 0 writes dim 5 (Yes)
+        attn.o_proj.weight[6, 4] = 4.0  # head 1 writes dim 6 (No)
+        model.lm_head.weight[vocab["Yes"], 5] = 1.0
+        model.lm_head.weight[vocab["No"], 6] = 1.0
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return load_model(str(tmp_path), device="cpu")
+
+
+def test_hand_built_true_and_false_heads_are_typed(tmp_path):
+    model = _hand_built_truth_model(tmp_path)
+    n = 12
+    pairs = hd.PairSet(["T ?"] * n, ["F ?"] * n, [str(i) for i in range(n)], ["toy"] * n, [{}] * n)
+    # the model says Yes on the true statement and No on the false one
+    from mhop_lens.analyses import metrics
+    from mhop_lens.forward import last_logits
+    from mhop_lens.tokens import encode
+
+    metric = metrics.yes_no(model, 2)
+    m = metric(last_logits(model, encode(model, ["T ?", "F ?"])), torch.arange(2))
+    assert m[0] > 0 > m[1]
+    prof = hd.classify(hd.head_profiles(model, pairs, batch_size=8))
+    by_head = prof.set_index("head")
+    assert by_head.at[0, "direct_true"] > 0.5 and abs(by_head.at[0, "direct_false"]) < 1e-6
+    assert by_head.at[1, "direct_false"] < -0.5 and abs(by_head.at[1, "direct_true"]) < 1e-6
+    assert (prof["probe_acc"] == 1.0).all()
+    assert list(prof.sort_values("head")["head_class"]) == ["True", "False"]
+    # swap the roles (true rows become the corrupted side): the classes swap
+    swapped = hd.classify(hd.head_profiles(model, hd.PairSet(pairs.corrupted, pairs.clean, pairs.pair_ids,
+                                                             pairs.tasks, pairs.spans), batch_size=8))
+    assert list(swapped.sort_values("head")["head_class"]) == ["other", "other"]
+
+
+def test_classify_rule_on_synthetic_profiles():
+    prof = pd.DataFrame({"layer": 0, "head": range(6),
+                         "direct_true": [2.0, 0.1, 1.5, 0.2, 3.0, 2.0],
+                         "direct_false": [0.0, -2.0, -1.5, -0.1, 3.0, 0.0],
+                         "probe_acc": [0.9, 0.9, 0.9, 0.9, 0.9, 0.6]})
+    out = hd.classify(prof)
+    assert list(out["head_class"]) == ["True", "False", "mixed", "other", "other", "other"]
+
+
+def test_circuit_figure_colours_head_classes():
+    from mhop_lens.viz.heads import CLASS_COLORS, fig_circuit
+
+    scores = pd.DataFrame({"layer": [0, 1, 1, 2], "head": [0, 0, 1, 1], "score": [3.0, 2.0, -1.5, 1.0],
+                           "head_class": ["other", "True", "False", "mixed"], "attn_d_A": [0.1, 1.2, -0.8, 0.0]})
+    fig = fig_circuit(scores, k=4)
+    nodes = {t.name: t.marker.color for t in fig.data if t.name and t.name.endswith("head (class)")}
+    assert nodes == {f"{c} head (class)": CLASS_COLORS[c] for c in ("True", "False", "mixed", "other")}

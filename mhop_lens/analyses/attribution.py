@@ -3,8 +3,10 @@
 AtP estimates, for each node, the metric change from patching its clean activation into the corrupted run:
 ``(act_clean - act_corrupt) . d metric / d act`` at the corrupted run. All nodes cost 2 forwards (clean with a
 cache, corrupted with grad) + 1 backward per batch. The linearisation fails where downstream attention saturates
-(docs/heads.md; shared/notes/organism-in-context.md), so ``ig_steps`` adds an integrated-gradients variant and
-``exact_patching`` measures the real effect, many nodes per forward (patched copies along the batch dimension).
+(docs/heads.md; shared/notes/organism-in-context.md), so ``method="ig"`` adds an integrated-gradients variant,
+``method="atp-star"`` AtP* (Kramár et al. 2024: exact attention-softmax recompute on the query/key side and
+GradDrop; see :func:`_atp_star_batch` for the definition used here), and ``exact_patching`` measures the real
+effect, many nodes per forward (patched copies along the batch dimension).
 
 Sites: ``"z"`` = each head's ``hook_z`` (one node per layer x head), ``"mlp_out"`` and ``"resid"`` (= resid_post)
 = one node per layer. Clean and corrupted prompts of a pair must have the same number of tokens (positions align).
@@ -32,7 +34,12 @@ from mhop_lens.positions import token_positions
 from mhop_lens.tokens import Encoded, encode
 
 SITES = ("z", "mlp_out", "resid")
+METHODS = ("atp", "atp-star", "ig")
 OTHER = "other"
+#: Score column of each method.
+COLUMN = {"atp": "atp", "atp-star": "atp_star", "ig": "atp_ig"}
+#: Rows per batched QK-recompute pass (copies x pairs); larger passes are split.
+QK_ROWS = 1024
 SpanMap = dict[str, list[tuple[int, int]]]
 
 
@@ -99,10 +106,28 @@ def with_metrics(frame: pd.DataFrame, batch: PairBatch, m_clean: Tensor, m_corru
 
 
 def pass_counts(counter: Counter, n_batches: int) -> dict:
-    """``frame.attrs`` entries: passes run, per batch, and seconds."""
-    return dict(forwards=counter.forward, backwards=counter.backward, batches=n_batches,
-                forwards_per_batch=counter.forward / n_batches, backwards_per_batch=counter.backward / n_batches,
-                seconds=counter.seconds)
+    """``frame.attrs`` entries: passes run, per batch, and seconds (plus ``counter.extra`` totals and per batch)."""
+    out = dict(forwards=counter.forward, backwards=counter.backward, batches=n_batches,
+               forwards_per_batch=counter.forward / n_batches, backwards_per_batch=counter.backward / n_batches,
+               seconds=counter.seconds)
+    for k, v in counter.extra.items():
+        out[k] = v
+        out[f"{k}_per_batch"] = v / n_batches
+    return out
+
+
+def cost_line(attrs: dict) -> str:
+    """One line of passes per batch from a frame's ``attrs`` (AtP, AtP*, IG or exact patching)."""
+    line = f"{attrs['forwards_per_batch']:.0f} forwards + {attrs['backwards_per_batch']:.0f} backward"
+    if attrs.get("partial_backwards"):
+        line += (f" + {attrs['partial_backwards_per_batch']:.0f} partial backwards (GradDrop, "
+                 f"{attrs['partial_backward_layers_per_batch']:.0f} layer-backwards)")
+    if attrs.get("qk_passes"):
+        line += (f" + {attrs['qk_passes_per_batch']:.0f} QK-recompute passes "
+                 f"({attrs['qk_block_rows_per_batch']:.0f} block-rows) + "
+                 f"{attrs['capture_forwards_per_batch']:.0f} forward stopped at block 0")
+    line += f" per batch = {attrs['forward_equivalents_per_batch']:.1f} forward-equivalents"
+    return line
 
 
 def aligned_pairs(model, clean: Sequence[str], corrupted: Sequence[str]) -> list[int]:
@@ -217,6 +242,7 @@ def attribute(
     batch_size: int = 16,
     pair_ids: Sequence | None = None,
     progress: bool = False,
+    method: str | None = None,
 ) -> pd.DataFrame:
     """AtP score of every node for every pair: one row per (pair, site, layer, head[, span]).
 
@@ -226,26 +252,50 @@ def attribute(
     corrupted run by its mean along the straight path corrupted -> clean of that node's site in that layer
     (midpoint rule; ``ig_steps`` interpolation points per (layer, site), batched). Columns ``metric_clean`` /
     ``metric_corrupt`` hold the pair's metric; ``frame.attrs`` holds pass counts and time per batch.
+
+    ``method``: ``"atp"`` (default), ``"ig"`` (default when ``ig_steps > 0``; ``ig_steps`` defaults to 8 then) or
+    ``"atp-star"``: column ``atp_star`` (signed AtP with the QK fix), ``atp_star_gd`` (the paper's GradDrop score,
+    a magnitude) and ``atp`` (plain AtP, free from the same passes); sums over positions only.
     """
+    method = method or ("ig" if ig_steps > 0 else "atp")
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose from {METHODS}.")
+    if method == "ig" and ig_steps <= 0:
+        ig_steps = 8
+    if method == "atp-star" and not isinstance(per_position, bool):
+        raise SpanError("AtP* scores whole nodes (its attention recompute moves every position at once); "
+                        "per-span scores need method 'atp' or 'ig'.")
     spans, roles = span_roles(per_position, len(clean_prompts), roles)
     named = site_hooks(model, sites)
     counter = Counter()
     frames = []
+    step = {"atp": _atp_batch, "ig": _ig_batch, "atp-star": _atp_star_batch}[method]
     for batch in pair_batches(model, clean_prompts, corrupted_prompts, batch_size, "attribution", progress):
         sl = slice(batch.start, batch.start + batch_size)
         role_idx = role_index(batch.clean, spans[sl], roles) if spans is not None else None
         t0 = time.perf_counter()
-        step = _atp_batch if ig_steps <= 0 else _ig_batch
         scores, m_clean, m_corrupt = step(model, batch.clean, batch.corrupt, metric, batch.rows, named, counter,
                                           ig_steps)
         counter.seconds += time.perf_counter() - t0
-        reduced = {k: _reduce(v, None if role_idx is None else role_idx.to(v.device), len(roles or [0]))
-                   for k, v in scores.items()}
-        frame = _frame(reduced, batch.rows, pair_ids, roles if spans is not None else None,
-                       "atp" if ig_steps <= 0 else "atp_ig")
+        if method == "atp-star":
+            scores, extra = scores
+            frame = _frame({k: _reduce(v, None, 1) for k, v in scores.items()}, batch.rows, pair_ids, None,
+                           "atp_star")
+            for col, val in extra.items():
+                frame[col] = _frame({k: _reduce(v, None, 1) for k, v in val.items()}, batch.rows, None, None,
+                                    col)[col].to_numpy()
+        else:
+            reduced = {k: _reduce(v, None if role_idx is None else role_idx.to(v.device), len(roles or [0]))
+                       for k, v in scores.items()}
+            frame = _frame(reduced, batch.rows, pair_ids, roles if spans is not None else None, COLUMN[method])
         frames.append(with_metrics(frame, batch, m_clean, m_corrupt))
     out = pd.concat(frames, ignore_index=True)
-    out.attrs.update(pass_counts(counter, len(frames)), ig_steps=ig_steps)
+    fe = {"atp": 2 + 2.0, "ig": 2 + 3.0 * ig_steps * len(named)}.get(method)  # a backward counted as 2 forwards
+    if method == "atp-star":
+        fe = 2 + 2.0 + 2.0 * counter.extra["partial_backward_layers"] / model.cfg.n_layers / len(frames) \
+            + counter.extra["qk_block_rows"] / model.cfg.n_layers / len(frames)
+    counter.extra.setdefault("forward_equivalents", fe * len(frames))
+    out.attrs.update(pass_counts(counter, len(frames)), ig_steps=ig_steps if method == "ig" else 0, method=method)
     return out
 
 
@@ -297,6 +347,192 @@ def _atp_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Te
         scores[key] = _node_scores(key[0], clean_acts[key] - act, g)
     model.zero_grad(set_to_none=True)
     return scores, m_clean, m_corrupt.detach()
+
+
+def _node_write(model, site: str, layer: int, delta: Tensor) -> Float[Tensor, "node batch pos d_model"]:
+    """What a node's patch adds to the residual stream directly: per head ``delta_z @ W_O``, else ``delta``."""
+    if site == "z":
+        w_o = model.W_O[layer].to(delta.device, delta.dtype)  # [head, d_head, d_model]
+        return torch.einsum("bphd,hdm->hbpm", delta, w_o)
+    return delta.unsqueeze(0)
+
+
+def _writes_before(model, named, layer: int, deltas: dict) -> tuple[list[tuple[str, int, int]], Tensor]:
+    """Nodes whose direct write reaches the attention of ``layer`` (heads/MLPs of earlier layers, resid_post of
+    earlier layers) and their writes stacked: ([(site, layer, head)], [node, batch, pos, d_model])."""
+    ids, writes = [], []
+    for site, l, _ in named:
+        if l < layer:
+            w = _node_write(model, site, l, deltas[(site, l)])
+            ids += [(site, l, h if site == "z" else -1) for h in range(w.shape[0])]
+            writes.append(w)
+    return ids, torch.cat(writes) if writes else torch.zeros(0)
+
+
+def _keep(store: dict, key: str, stop: bool = False) -> Callable:
+    def hook(act, hook):
+        store[key] = act.detach()
+        if stop:
+            raise _StopBlock
+        return act
+
+    return hook
+
+
+class _StopBlock(Exception):
+    """Raised at a block's ``hook_z`` once a recompute pass has what it needs."""
+
+
+def _attention_input(store: dict, key) -> Callable:
+    """Keep a copy of the attention sublayer's input (the norm's input) that only the attention path reads, so its
+    gradient is the gradient through this layer's attention alone."""
+
+    def hook(act, hook):
+        store[key] = act.clone()
+        return store[key]
+
+    return hook
+
+
+@torch.no_grad()
+def _block_args(model, width: int, attention_mask: Tensor, copies: int) -> tuple[list, dict, int]:
+    """Block-call arguments for ``copies`` copies of the batch, captured by one forward stopped at block 0
+    (``partial_forward.block_call``); smaller calls cut them (``for_call``). Returns (args, kwargs, rows)."""
+    from mhop_lens.analyses.partial_forward import block_call, stored
+
+    mask = attention_mask.repeat(copies, 1)
+    args, kwargs = stored(*block_call(model, width, mask, None))
+    return args, kwargs, mask.shape[0]
+
+
+@torch.no_grad()
+def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor, attention_mask: Tensor,
+                           captured: tuple[list, dict, int]) -> Float[Tensor, "node batch pos head d_head"]:
+    """Head outputs ``z`` of ``layer`` when each node's write is added to the residual entering it.
+
+    One batched pass per layer through the model's own block, stopped at ``hook_z`` (norm, q/k/v projections,
+    scores, softmax, pattern @ v; no output projection, no MLP): copies along the batch dimension, ``QK_ROWS`` rows
+    at a time, with the block arguments ``captured`` once per batch (:func:`_block_args`).
+    """
+    from mhop_lens.analyses.partial_forward import block_call, for_call, stored
+
+    n, b = writes.shape[0], resid_pre.shape[0]
+    out = []
+    per = max(1, QK_ROWS // b)
+    cap_args, cap_kwargs, cap_rows = captured
+    for i in range(0, n, per):
+        w = writes[i : i + per]
+        hidden = (resid_pre.unsqueeze(0) + w).reshape(-1, *resid_pre.shape[1:])
+        rows = hidden.shape[0]
+        if rows <= cap_rows and cap_rows not in (hidden.shape[1],):
+            args, kwargs = for_call(cap_args, cap_kwargs, None, cap_rows, rows)
+        else:  # rare: cutting would be ambiguous; capture for this call
+            args, kwargs = for_call(*stored(*block_call(model, hidden.shape[1], attention_mask.repeat(w.shape[0], 1),
+                                                        None)), None)
+        if args:
+            args[0] = hidden
+        else:
+            kwargs["hidden_states"] = hidden
+        store: dict = {}
+        with model.hooks(fwd_hooks=[(hooks.head(layer, "z"), _keep(store, "z", True))]):
+            try:
+                model.blocks[layer](*args, **kwargs)
+            except _StopBlock:
+                pass
+        out.append(store["z"].view(w.shape[0], b, *store["z"].shape[1:]))
+    return torch.cat(out)
+
+
+def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Tensor, named,
+                    counter: Counter, _ig_steps: int):
+    """AtP* for whole nodes (head z, MLP out, resid_post): QK fix at every later attention layer, then GradDrop.
+
+    Definition used (departure from the paper, docs/heads.md): Kramár et al. apply the QK fix to query/key nodes
+    themselves (exact softmax of the patched scores, times the gradient wrt the pattern). Our nodes are heads'
+    ``z``, whose own attention change AtP already takes exactly; a head hidden by saturation (the organism's L0H1)
+    is hidden by the *later* heads whose queries and keys it writes to. So for each later layer l', the node's
+    direct write (``delta_z @ W_O``, ``delta mlp_out``, ``delta resid``) is added to the corrupted residual
+    entering l' and that layer's attention is recomputed exactly: new scores, softmax and pattern, applied to the
+    values (one batched pass per layer, all earlier nodes as copies). The first-order term of the same path
+    (gradient wrt l''s attention input . write) is replaced by grad(metric wrt z_l') . (z_l'(write) - z_l').
+    AtP* = AtP + sum over later l' of that difference; paths through MLPs before l' and everything after l' stay
+    first order. GradDrop (paper eq. 11): I_l = the same estimate with the gradient through layer l's residual
+    contribution dropped (a backward from resid_pre_l seeded with dmetric/dresid_post_l, over layers < l only);
+    ``atp_star_gd`` = sum_l |I_l| / (L - 1), a magnitude as in the paper.
+    Cost per batch: 2 forwards, 1 backward, L-1 partial backwards, L-1 recompute passes (each <= one block on
+    n_earlier_nodes copies of the batch) and one forward stopped at block 0 that captures the block arguments.
+    """
+    n_layers = model.cfg.n_layers
+    clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
+    store: dict = {}
+    _, root = grad_root()
+    later = range(1, n_layers)
+    fwd = [("hook_embed", root)] + [(name, capture_into(store, (s, l))) for s, l, name in named]
+    fwd += [(hooks.head(l, "z"), capture_into(store, ("zall", l))) for l in later]
+    fwd += [(f"blocks.{l}.ln1.hook_in", _attention_input(store, ("attn_in", l))) for l in later]
+    fwd += [(hooks.resid(l, "pre"), capture_into(store, ("pre", l))) for l in range(n_layers)]
+    fwd += [(hooks.resid(l, "post"), capture_into(store, ("post", l))) for l in range(n_layers)]
+    fwd += counting_hooks(counter)
+    node_keys = [(s, l) for s, l, _ in named]
+    layer_keys = [(k, l) for l in later for k in ("zall", "attn_in")]
+    with torch.enable_grad():
+        logits = run(model, corrupt, fwd)
+        m_corrupt = metric(end_logits(logits, corrupt), rows)
+        keys = node_keys + layer_keys + [("post", l) for l in range(n_layers)]
+        grads = dict(zip(keys, torch.autograd.grad(m_corrupt.sum(), [store[k] for k in keys], allow_unused=True,
+                                                   retain_graph=True), strict=True))
+        grads = {k: torch.zeros_like(store[k]) if g is None else g for k, g in grads.items()}
+        deltas = {k: clean_acts[k] - store[k].detach() for k in node_keys}
+        plain = {k: _node_scores(k[0], deltas[k], grads[k]) for k in node_keys}
+        # per later layer: each earlier node's write and the exact change of that layer's head outputs
+        fixes: dict[int, tuple[list, Tensor, Tensor]] = {}
+        copies = min(len(_writes_before(model, named, n_layers - 1, deltas)[0]), max(1, QK_ROWS // len(rows)))
+        captured = _block_args(model, corrupt.tokens.shape[1], corrupt.attention_mask, max(1, copies))
+        counter.extra["capture_forwards"] = counter.extra.get("capture_forwards", 0) + 1
+        for layer in later:
+            ids, writes = _writes_before(model, named, layer, deltas)
+            if not ids:
+                continue
+            z_new = _attention_with_writes(model, layer, store[("pre", layer)].detach(), writes,
+                                           corrupt.attention_mask, captured)
+            counter.extra["qk_passes"] = counter.extra.get("qk_passes", 0) + 1
+            counter.extra["qk_block_rows"] = counter.extra.get("qk_block_rows", 0) + len(ids)
+            fixes[layer] = (ids, writes, z_new - store[("zall", layer)].detach())
+
+        def corrected(node_grads: dict, layer_grads: dict) -> dict:
+            """Per node [batch, 1, n]: AtP with the given grads plus the fix of every later layer."""
+            out = {k: _node_scores(k[0], deltas[k], node_grads[k]).sum(1, keepdim=True) for k in node_keys}
+            for layer, (ids, writes, dz) in fixes.items():
+                if layer not in layer_grads:
+                    continue
+                g_z, g_in = layer_grads[layer]
+                extra = torch.einsum("nbphd,bphd->nb", dz, g_z) - torch.einsum("nbpm,bpm->nb", writes, g_in)
+                for i, (site, l, h) in enumerate(ids):
+                    out[(site, l)][:, 0, max(h, 0)] += extra[i]
+            return out
+
+        star = corrected(grads, {l: (grads[("zall", l)], grads[("attn_in", l)]) for l in later})
+        gd = {k: torch.zeros_like(v) for k, v in star.items()}
+        for drop in range(n_layers):
+            below = [k for k in node_keys if k[1] < drop] + [k for k in layer_keys if k[1] < drop]
+            partial: dict = {}
+            if any(k in node_keys for k in below):
+                got = torch.autograd.grad(store[("pre", drop)], [store[k] for k in below],
+                                          grad_outputs=grads[("post", drop)], allow_unused=True, retain_graph=True)
+                partial = {k: torch.zeros_like(store[k]) if g is None else g for k, g in zip(below, got, strict=True)}
+                counter.extra["partial_backwards"] = counter.extra.get("partial_backwards", 0) + 1
+                counter.extra["partial_backward_layers"] = counter.extra.get("partial_backward_layers", 0) + drop
+            g = {**grads, **partial}
+            dropped = corrected({k: g[k] for k in node_keys},
+                                {l: (g[("zall", l)], g[("attn_in", l)]) for l in later if l != drop})
+            for k in node_keys:
+                if k[0] != "resid" and k[1] == drop:
+                    continue  # the node's own layer dropped: all its paths are cut, I_l = 0
+                gd[k] += dropped[k].abs()
+        gd = {k: v / max(1, n_layers - 1) for k, v in gd.items()}
+    model.zero_grad(set_to_none=True)
+    return (star, {"atp_star_gd": gd, "atp": {k: v.sum(1, keepdim=True) for k, v in plain.items()}}), m_clean, \
+        m_corrupt.detach()
 
 
 def _interpolate(clean_act: Tensor, corrupt_act: Tensor, alphas: Tensor, store: dict, key) -> Callable:
@@ -402,13 +638,14 @@ def exact_patching(
         counter.seconds += time.perf_counter() - t0
         frames.append(with_metrics(_frame(effects, rows, pair_ids, None, "exact"), batch, m_clean, m_corrupt))
     out = pd.concat(frames, ignore_index=True)
-    out.attrs.update(pass_counts(counter, len(frames)), rows_per_forward=max_rows)
+    counter.extra["forward_equivalents"] = (2 + len(nodes)) * len(frames)
+    out.attrs.update(pass_counts(counter, len(frames)), rows_per_forward=max_rows, method="exact")
     return out
 
 
 def aggregate(frame: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
     """Mean and mean |.| over pairs per node (site, layer, head[, span]), sorted by |mean| descending."""
-    value = value or next(c for c in ("atp", "atp_ig", "exact") if c in frame.columns)
+    value = value or next(c for c in ("atp_star", "atp_ig", "atp", "atp_star_gd", "exact") if c in frame.columns)
     keys = [c for c in ("site", "layer", "head", "span") if c in frame.columns]
     g = frame.groupby(keys, sort=False)[value]
     out = pd.DataFrame({"mean": g.mean(), "abs_mean": g.apply(lambda s: s.abs().mean()), "std": g.std(),
@@ -421,11 +658,13 @@ def node_label(site: str, layer: int, head: int = -1) -> str:
     return f"L{layer}H{head}" if site == "z" else f"L{layer} {site}"
 
 
-def rank_agreement(approx: pd.DataFrame, exact: pd.DataFrame, site: str = "z") -> dict[str, float]:
-    """Spearman / Pearson of per-node mean scores (signed and absolute) between an AtP frame and exact patching."""
+def rank_agreement(approx: pd.DataFrame, exact: pd.DataFrame, site: str = "z", value: str | None = None,
+                   k: int = 4, within: int = 6) -> dict[str, float]:
+    """Spearman / Pearson of per-node mean scores (signed and absolute) between an AtP frame and exact patching,
+    and how many of exact patching's top ``k`` (by |mean|) are in the approximation's top ``within``."""
     from scipy.stats import pearsonr, spearmanr
 
-    a = aggregate(approx[approx["site"] == site])
+    a = aggregate(approx[approx["site"] == site], value)
     e = aggregate(exact[exact["site"] == site])
     m = a.merge(e, on=["site", "layer", "head"], suffixes=("_atp", "_exact"))
     if len(m) < 3:
@@ -439,4 +678,7 @@ def rank_agreement(approx: pd.DataFrame, exact: pd.DataFrame, site: str = "z") -
         "top_exact_node": node_label(site, int(m.at[top, "layer"]), int(m.at[top, "head"])),
         "top_exact_effect": float(m.at[top, "mean_exact"]),
         "top_exact_atp": float(m.at[top, "mean_atp"]),
+        f"exact_top{k}_in_top{within}": int(len(set(m["mean_exact"].abs().nlargest(k).index)
+                                                & set(m["mean_atp"].abs().nlargest(within).index))),
+        "k": k,
     }

@@ -9,8 +9,14 @@ the No row (false statement) the corrupted run, and the metric is logit(Yes) - l
   direction fitted on the other half of the pairs (so a high-dimensional z cannot separate by chance);
 - ``attn_d_<role>``: Cohen's d of the attention mass END -> role span (A, V, K, Q, ...) between true and false rows.
 
-``control`` compares the top-k heads with random k-head sets; ``consistency`` compares head scores across
-relation sets or seeds.
+Two head classes (the GAR paper's True and False heads) come from what a head *writes* and *represents*, split by
+the statement's truth (:func:`head_profiles`): its direct effect on logit(Yes) - logit(No) at END on true rows and on
+false rows, and a held-out linear probe of its END output for truth. :func:`classify` labels each head
+True / False / mixed / other (rule in its docstring and docs/heads.md).
+
+``null_sets`` puts a chosen head set's ablation in the distribution of every (or >= 500 random, also
+layer-matched) k-head sets; ``control`` compares the top-k heads' |score| with random k-head sets;
+``consistency`` compares head scores across relation sets or seeds.
 """
 
 from __future__ import annotations
@@ -159,6 +165,132 @@ def _activation_stats(model, pairs: PairSet, batch_size: int, roles: Sequence[st
     return pd.DataFrame(rows)
 
 
+def _final_norm_direction(model, yes: str, no: str) -> tuple[Tensor, Tensor | None, bool]:
+    """(W_U[:, yes] - W_U[:, no], the final norm's weight or None, whether the norm centres: LayerNorm)."""
+    from mhop_lens.tokens import first_token_id
+
+    w_u = model.W_U
+    direction = (w_u[:, first_token_id(model, yes)] - w_u[:, first_token_id(model, no)]).detach().float()
+    weight = next((p for n, p in model.ln_final.named_parameters() if n.endswith("weight")), None)
+    centre = "LN" == str(getattr(model.cfg, "normalization_type", "")).upper() or any(
+        n.endswith("bias") for n, _ in model.ln_final.named_parameters())
+    return direction, None if weight is None else weight.detach().float(), centre
+
+
+def _fit_logistic(x: Tensor, y: Tensor, steps: int, l2: float) -> Tensor:
+    """Weights (last = bias) of an L2-regularised logistic regression fitted with L-BFGS."""
+    xs = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    w = torch.zeros(xs.shape[1], dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w, y) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()
+
+
+def _probe_accuracy(true: Float[Tensor, "pair d"], false: Float[Tensor, "pair d"], steps: int = 100,
+                    l2: float = 1e-2) -> float:
+    """Held-out accuracy of a logistic-regression probe for truth: fitted on even pairs and tested on odd ones and
+    vice versa (a pair's two rows stay on one side), averaged. Features standardised on the fitting half."""
+    n = true.shape[0]
+    halves = [torch.arange(0, n, 2), torch.arange(1, n, 2)]
+    accs = []
+    for fit, test in (halves, halves[::-1]):
+        if len(fit) < 2 or len(test) < 1:
+            continue
+        x = torch.cat([true[fit], false[fit]]).double()
+        mu, sd = x.mean(0), x.std(0).clamp(min=1e-8)
+        w = _fit_logistic((x - mu) / sd, torch.cat([torch.ones(len(fit)), torch.zeros(len(fit))]).double(), steps,
+                          l2)
+        xt = (torch.cat([true[test], false[test]]).double() - mu) / sd
+        pred = (xt @ w[:-1] + w[-1]) > 0
+        yt = torch.cat([torch.ones(len(test)), torch.zeros(len(test))]).bool()
+        accs.append(float((pred == yt).double().mean()))
+    return float(np.mean(accs)) if accs else float("nan")
+
+
+@torch.no_grad()
+def direct_effects(model, enc, yes: str = " Yes", no: str = " No", cache=None) -> Float[Tensor, "batch layer head"]:
+    """Each head's direct effect on logit(Yes) - logit(No) at each row's END: ``z_h W_O[h]`` through the final norm
+    with the run's own scale frozen (direct logit attribution), dotted with ``W_U[Yes] - W_U[No]``."""
+    n_layers = model.cfg.n_layers
+    direction, weight, centre = _final_norm_direction(model, yes, no)
+    if cache is None:
+        _, cache = run_with_cache(model, enc, [hooks.head(l, "z") for l in range(n_layers)] + ["ln_final.hook_scale"])
+    rows, last = torch.arange(enc.tokens.shape[0]), enc.last
+    zs = torch.stack([cache[hooks.head(l, "z")][rows, last] for l in range(n_layers)], 1).float().cpu()
+    scale = cache["ln_final.hook_scale"][rows, last].float().cpu().reshape(-1, 1, 1)
+    out = torch.einsum("blhd,lhdm->blhm", zs, model.W_O.detach().float().cpu())
+    if centre:
+        out = out - out.mean(-1, keepdim=True)
+    if weight is not None:
+        out = out * weight.cpu()
+    return (out @ direction.cpu()) / scale
+
+
+@torch.no_grad()
+def head_profiles(model, pairs: PairSet, batch_size: int = 32, yes: str = " Yes", no: str = " No") -> pd.DataFrame:
+    """Per head, what it writes and what it represents, split by truth (true = the pair's Yes row).
+
+    ``direct_true`` / ``direct_false``: mean :func:`direct_effects` on true / false rows. ``probe_acc``: held-out
+    accuracy of a linear probe of the head's END ``z`` for truth (:func:`_probe_accuracy`; chance 0.5).
+    """
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    names = [hooks.head(l, "z") for l in range(n_layers)] + ["ln_final.hook_scale"]
+    z = {True: [], False: []}
+    direct = {True: [], False: []}
+    for batch in pair_batches(model, pairs.clean, pairs.corrupted, batch_size, "head profiles"):
+        for truth, enc in ((True, batch.clean), (False, batch.corrupt)):
+            _, cache = run_with_cache(model, enc, names)
+            rows = torch.arange(enc.tokens.shape[0])
+            z[truth].append(torch.stack([cache[hooks.head(l, "z")][rows, enc.last] for l in range(n_layers)], 1)
+                            .float().cpu())
+            direct[truth].append(direct_effects(model, enc, yes, no, cache))
+    d_true, d_false = torch.cat(direct[True]), torch.cat(direct[False])
+    z_true, z_false = torch.cat(z[True]), torch.cat(z[False])
+    rows = []
+    for l in range(n_layers):
+        for h in range(n_heads):
+            rows.append({"layer": l, "head": h, "direct_true": float(d_true[:, l, h].mean()),
+                         "direct_false": float(d_false[:, l, h].mean()),
+                         "direct_true_sd": float(d_true[:, l, h].std()),
+                         "direct_false_sd": float(d_false[:, l, h].std()),
+                         "probe_acc": _probe_accuracy(z_true[:, l, h], z_false[:, l, h]), "n_pairs": len(pairs)})
+    return pd.DataFrame(rows)
+
+
+#: Defaults of :func:`classify`: |direct effect| (logits) that counts as writing, dominance ratio, probe accuracy.
+MIN_WRITE, DOMINANCE, MIN_PROBE = 0.5, 2.0, 0.75
+
+
+def classify(profiles: pd.DataFrame, min_write: float = MIN_WRITE, dominance: float = DOMINANCE,
+             min_probe: float = MIN_PROBE) -> pd.DataFrame:
+    """``profiles`` with ``head_class`` True / False / mixed / other and the two evidence columns.
+
+    ``yes_on_true`` = direct_true (what it writes towards Yes on true statements), ``no_on_false`` = -direct_false
+    (towards No on false statements). A head is typed only when its output separates truth (probe_acc >=
+    ``min_probe``) and its write depends on truth (direct_true - direct_false >= ``min_write``); then
+    True: yes_on_true >= min_write and >= ``dominance`` x max(no_on_false, 0);
+    False: no_on_false >= min_write and >= ``dominance`` x max(yes_on_true, 0);
+    mixed: both >= min_write, neither dominant. Everything else is "other".
+    """
+    out = profiles.copy()
+    yes_t, no_f = out["direct_true"], -out["direct_false"]
+    typed = (out["probe_acc"] >= min_probe) & (out["direct_true"] - out["direct_false"] >= min_write)
+    true = typed & (yes_t >= min_write) & (yes_t >= dominance * no_f.clip(lower=0))
+    false = typed & (no_f >= min_write) & (no_f >= dominance * yes_t.clip(lower=0))
+    mixed = typed & (yes_t >= min_write) & (no_f >= min_write) & ~true & ~false
+    out["yes_on_true"], out["no_on_false"] = yes_t, no_f
+    out["head_class"] = np.select([true, false, mixed], ["True", "False", "mixed"], "other")
+    return out
+
+
 def head_scores(model, pairs: PairSet, exact: bool = True, batch_size: int = 16,
                 roles: Sequence[str] = ATTN_ROLES, yes: str = " Yes", no: str = " No", ig_steps: int = 0
                 ) -> pd.DataFrame:
@@ -178,6 +310,8 @@ def head_scores(model, pairs: PairSet, exact: bool = True, batch_size: int = 16,
         frame = frame.merge(ex[["layer", "head", "mean", "std"]].rename(columns={"mean": "exact", "std": "exact_std"}),
                             on=["layer", "head"])
     frame = frame.merge(_activation_stats(model, pairs, batch_size, roles), on=["layer", "head"])
+    profiles = classify(head_profiles(model, pairs, batch_size, yes, no)).drop(columns="n_pairs")
+    frame = frame.merge(profiles, on=["layer", "head"])
     frame["score"] = frame["exact"] if exact else frame["atp"]
     frame["score_by"] = "exact" if exact else "atp"
     frame["metric_true"] = float(atp["metric_clean"].mean())
@@ -188,7 +322,7 @@ def head_scores(model, pairs: PairSet, exact: bool = True, batch_size: int = 16,
 def select(scores: pd.DataFrame, k: int, by: str = "score") -> pd.DataFrame:
     """The k heads with the largest |by|, typed "true" (pushes true statements to Yes) or "false"."""
     top = scores.reindex(scores[by].abs().sort_values(ascending=False).index).head(k).copy()
-    top["type"] = np.where(top[by] > 0, "true", "false")
+    top["type"] = np.where(top[by] > 0, "true", "false")  # sign of the patching effect (not the head class)
     top["rank"] = np.arange(1, len(top) + 1)
     return top.reset_index(drop=True)
 

@@ -3,7 +3,9 @@
 Tables: ``attribute`` -> attribution.parquet (per pair x node[, span]), nodes.parquet (mean over pairs),
 exact.parquet + agreement.json with ``--exact``, edges.parquet + edge_scores.parquet with ``--edges``
 (``--edge-method eap-ig``: EAP-IG), faithfulness.parquet + faithfulness_summary.parquet with ``--faithfulness``;
-``heads find`` -> head_scores.parquet, top_heads.parquet, control.json, consistency.parquet;
+``heads find`` -> head_scores.parquet (with the head classes and their evidence), top_heads.parquet, control.json,
+consistency.parquet, null_sets.parquet + null.json (the top-k set among every / random k-head sets),
+single_heads.parquet, truth_interventions.parquet (+ truth_interventions_random.parquet);
 ``heads intervene`` -> interventions.parquet (per condition x task), summary.parquet.
 """
 
@@ -84,7 +86,11 @@ def _world(examples):
               help="GAR pairs: Yes/No counter-pairs (metric Yes - No) or gen rows with the query key swapped for "
                    "another context key (metric clean - corrupt answer). Ignored for --data organism.")
 @click.option("--per-span", is_flag=True, help="One score per role span (GAR roles / e1, r1, r2) instead of a sum.")
-@click.option("--ig-steps", type=int, default=0, show_default=True, help="Integrated-gradients steps (0 = AtP).")
+@click.option("--method", type=click.Choice(["atp", "atp-star", "ig"]), default=None,
+              help="atp (2 forwards + 1 backward), atp-star (AtP*: exact recompute of later attention layers + "
+                   "GradDrop, docs/heads.md) or ig (integrated gradients). Default: ig if --ig-steps > 0, else atp.")
+@click.option("--ig-steps", type=int, default=0, show_default=True,
+              help="Integrated-gradients steps (0 = AtP; --method ig without it uses 8).")
 @click.option("--exact", is_flag=True, help="Also run exact patching of every node and report rank agreement.")
 @click.option("--edges", is_flag=True, help="Also score edges into the q/k/v inputs of later heads, the MLP inputs "
                                             "and the output: edges.parquet, edge_scores.parquet.")
@@ -106,7 +112,7 @@ def attribute(**kw) -> None:
     GAR data uses its Yes/No counter-pairs (metric: logit Yes - logit No) or, with --pairs query, generation rows
     whose query key is swapped for another context key.
     """
-    from mhop_lens.analyses.attribution import aggregate, exact_patching, rank_agreement
+    from mhop_lens.analyses.attribution import COLUMN, aggregate, cost_line, exact_patching, rank_agreement
     from mhop_lens.analyses.attribution import attribute as run_atp
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
@@ -116,8 +122,12 @@ def attribute(**kw) -> None:
     store = RunStore(kw["out"], "attribute", kw)
     store.log(f"{len(clean)} pairs ({dropped} dropped: clean/corrupted token counts differ)")
     sites = _csv(kw["sites"])
+    method = kw["method"] or ("ig" if kw["ig_steps"] > 0 else "atp")
+    if method == "atp-star" and kw["per_span"]:
+        raise DataError("--method atp-star scores whole nodes; drop --per-span or use --method atp / ig.")
     frame = run_atp(model, clean, corrupt, metric, sites=sites, per_position=spans if kw["per_span"] else False,
-                    ig_steps=kw["ig_steps"], batch_size=kw["batch_size"], pair_ids=ids, progress=True)
+                    ig_steps=kw["ig_steps"], batch_size=kw["batch_size"], pair_ids=ids, progress=True,
+                    method=method)
     store.write("attribution", frame)
     store.write("nodes", aggregate(frame))
     info = dict(frame.attrs, pairs=len(clean), dropped=dropped)
@@ -125,13 +135,14 @@ def attribute(**kw) -> None:
         exact = exact_patching(model, clean, corrupt, metric, sites=sites, batch_size=kw["batch_size"],
                                pair_ids=ids, progress=True)
         store.write("exact", exact)
-        col = "atp_ig" if kw["ig_steps"] > 0 else "atp"
+        col = COLUMN[method]
         summed = frame.groupby(["pair", "site", "layer", "head"], as_index=False)[col].sum() if kw["per_span"] \
             else frame
-        info["agreement"] = {s: rank_agreement(summed, exact, s) for s in sites
+        info["agreement"] = {s: rank_agreement(summed, exact, s, col) for s in sites
                              if (exact["site"] == s).sum() >= 3 * len(clean)}
         info["exact"] = exact.attrs
-        click.echo(f"rank agreement AtP vs exact: {info['agreement']}")
+        click.echo(f"rank agreement {method} vs exact: {info['agreement']}")
+        click.echo(f"exact patching: {cost_line(exact.attrs)}")
     edges = None
     if kw["edges"]:
         from mhop_lens.analyses.edge_attribution import ALL_SIDES, aggregate_edges, attribute_edges
@@ -148,8 +159,8 @@ def attribute(**kw) -> None:
     if kw["faithfulness"]:
         info["faithfulness"] = _faithfulness(kw, store, model, clean, corrupt, metric, frame, edges)
     store.write_json("attribution.json", info)
-    click.echo(f"{info['forwards_per_batch']:.0f} forwards + {info['backwards_per_batch']:.0f} backward per batch; "
-               f"wrote {store.dir}")
+    click.echo(f"{method}: {cost_line(frame.attrs)}")
+    click.echo(f"wrote {store.dir}")
 
 
 def _faithfulness(kw: dict, store, model, clean, corrupt, metric, nodes, edges) -> dict:
@@ -190,9 +201,23 @@ def heads() -> None:
               help="Integrated-gradients steps for the atp column (0 = plain AtP; see docs/heads.md).")
 @click.option("--group-by", default="relation_set", show_default=True,
               help="Score groups separately for consistency: relation_set, task, a_relation, ... or 'none'.")
+@click.option("--null-max", type=int, default=5000, show_default=True,
+              help="Ablate every k-head set when there are at most this many, else --null-random random sets plus "
+                   "as many layer-matched ones; 0 skips the null distribution.")
+@click.option("--null-random", type=int, default=500, show_default=True)
+@click.option("--strengthen", type=float, default=2.0, show_default=True,
+              help="Factor on the strengthened class in the True/False-head interventions (the other is zeroed).")
+@click.option("--n-random", type=int, default=50, show_default=True,
+              help="Random head sets for the intervention control (0 skips the interventions).")
 @friendly_errors
 def find(**kw) -> None:
-    """Score every head on Yes/No counter-pairs; select the top-k with a random-head control."""
+    """Score every head on Yes/No counter-pairs; select the top-k; type True/False heads; controls; interventions.
+
+    Prints the top-k, the True and False heads with their evidence (direct effect on true / false rows, probe),
+    the top-k set's percentile among every (or random and layer-matched) k-head set, and the intervention table
+    (label-conditioned as the GAR paper, and two label-free variants; all rows and failures).
+    """
+    from mhop_lens.analyses.head_interventions import null_sets, single_head_table, truth_interventions
     from mhop_lens.analyses.heads import consistency, control, find_heads
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
@@ -205,13 +230,42 @@ def find(**kw) -> None:
                              group_by=None if kw["group_by"] == "none" else kw["group_by"], ig_steps=kw["ig_steps"])
     store.write("head_scores", scores)
     store.write("top_heads", top)
-    ctl = control(scores[scores["group"] == "all"], kw["k"])
+    pooled = scores[scores["group"] == "all"]
+    ctl = control(pooled, kw["k"])
     store.write_json("control.json", ctl)
     if scores["group"].nunique() > 2:
         store.write("consistency", consistency(scores[scores["group"] != "all"], kw["k"]))
-    click.echo(top[["layer", "head", "type", "score", "atp", "act_d"]].to_string(index=False))
+    click.echo(top[["layer", "head", "type", "score", "atp", "act_d", "head_class"]].to_string(index=False))
     click.echo(f"top-{kw['k']} mean |score| {ctl['top_mean_abs']:.4g} vs random {ctl['random_mean_abs']:.4g} "
-               f"(sd {ctl['random_sd']:.2g}); wrote {store.dir}")
+               f"(sd {ctl['random_sd']:.2g})")
+    evidence = ["layer", "head", "head_class", "direct_true", "direct_false", "probe_acc", "score"]
+    typed = pooled[pooled["head_class"] != "other"][evidence]
+    click.echo("head classes (direct effect on logit(Yes) - logit(No) on true / false rows; held-out truth probe):")
+    click.echo(typed.to_string(index=False) if len(typed) else "  none typed (every head 'other')")
+    chosen = [(int(l), int(h)) for l, h in zip(top["layer"], top["head"], strict=True)]
+    if kw["null_max"] > 0:
+        frame, summary = null_sets(model, examples, chosen, max_exhaustive=kw["null_max"],
+                                   n_random=kw["null_random"], seed=kw["seed"], batch_size=kw["batch_size"] * 16)
+        store.write("null_sets", frame)
+        store.write_json("null.json", summary)
+        store.write("single_heads", single_head_table(model, examples, batch_size=kw["batch_size"] * 16))
+        click.echo(f"null: top-{len(chosen)} ablated -> accuracy {summary['chosen_accuracy']:.3f} (before "
+                   f"{summary['accuracy_before']:.3f}); percentile {summary['percentile']:.3f} of "
+                   f"{summary['n_sets']} {'(every)' if summary['exhaustive'] else 'random'} {len(chosen)}-head sets, "
+                   f"{summary['percentile_layer_matched']:.3f} of {summary['n_layer_matched']} layer-matched")
+    if kw["n_random"] > 0:
+        cls = lambda c: [(int(l), int(h)) for l, h in pooled[pooled["head_class"] == c][["layer", "head"]].to_numpy()]  # noqa: E731
+        table, rand = truth_interventions(model, examples, cls("True"), cls("False"), kw["strengthen"],
+                                          kw["n_random"], kw["seed"], kw["batch_size"] * 8)
+        store.write("truth_interventions", table)
+        store.write("truth_interventions_random", rand)
+        click.echo(table[["variant", "rows", "n", "accuracy_before", "accuracy_after", "fixed", "broken", "net"]]
+                   .to_string(index=False))
+        if len(rand):
+            r = rand[rand["rows"] == "all"]
+            click.echo(f"label edit with {len(r)} random head sets of the same sizes: net {r['net'].mean():+.1f} "
+                       f"(max {r['net'].max():+d})")
+    click.echo(f"wrote {store.dir}")
 
 
 def parse_heads(spec: str) -> list[tuple[int, int]]:

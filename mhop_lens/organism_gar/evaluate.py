@@ -10,32 +10,44 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 
 from mhop_lens.gar import GarExample
-from mhop_lens.organism_gar.world import KIND_RELATION, Row, context_of, examples, fact_rows, form_name, rows_of
+from mhop_lens.organism_gar.predict import predict
+from mhop_lens.organism_gar.splits import EVAL_SEED, FIT_SEED, exclude_trained, held_out_contexts, training_contexts
+from mhop_lens.organism_gar.world import KIND_RELATION, Row, examples, fact_rows, form_name, rows_of
 
-EVAL_SEED = 1_000_003
-FIT_SEED = 2_000_003
+__all__ = ["EVAL_SEED", "FIT_SEED", "eval_examples", "held_out_contexts", "held_out_examples", "score"]
+
 #: (cxt_len of the balanced evaluation) per form.
 BALANCED_CXT = {"gen": 3, "composed": 3, "yesno": 3, "yesno_composed": 3,
                 "neg_gen": 2, "neg_composed": 2, "neg_yesno": 2, "neg_yesno_composed": 2}
 _ITEM = re.compile(r"(\w+) has (\w+)\.")
 
 
-def eval_examples(world, n_per_task: int, seed: int = EVAL_SEED) -> list[GarExample]:
-    """The balanced held-out examples: every form at its BALANCED_CXT context length."""
+def _balanced(world, n_per_task: int, seed: int) -> list[GarExample]:
     out = []
     for cxt in sorted(set(BALANCED_CXT.values())):
         out += [e for e in examples(world, seed, n_per_task, cxt) if BALANCED_CXT[form_name(e)] == cxt]
     return out
 
 
-def held_out_contexts(world, n_per_task: int, seed: int = EVAL_SEED) -> set[str]:
-    """Contexts of every evaluation example (balanced set and the 3-item negations): never trained on."""
-    return {context_of(e.prompt) for cxt in (2, 3) for e in examples(world, seed, n_per_task, cxt)}
+def held_out_examples(world, n_per_task: int, seed: int = EVAL_SEED) -> tuple[list[GarExample], int]:
+    """The balanced examples of ``seed`` whose contexts the shipped recipe never trained on, and how many were
+    dropped: none for ``EVAL_SEED`` (held out of training by construction); for any other seed, every example
+    (and its counter-pair partner) whose context occurs in the training stream (``splits.training_contexts``)."""
+    exs = _balanced(world, n_per_task, seed)
+    if seed == EVAL_SEED:
+        return exs, 0
+    return exclude_trained(exs, training_contexts(world))
+
+
+def eval_examples(world, n_per_task: int, seed: int = EVAL_SEED) -> list[GarExample]:
+    """The balanced held-out examples: every form at its BALANCED_CXT context length, minus any whose context was
+    trained on (only possible for a seed other than ``EVAL_SEED``; :func:`held_out_examples` gives the count)."""
+    return held_out_examples(world, n_per_task, seed)[0]
 
 
 def eval_set(world, n_per_task: int, seed: int = EVAL_SEED) -> list[Row]:
@@ -45,8 +57,6 @@ def eval_set(world, n_per_task: int, seed: int = EVAL_SEED) -> list[Row]:
 
 def score(model, tok, rows: list[Row]) -> pd.DataFrame:
     """One line per row: form, prompt, answer, greedy prediction (whole vocabulary), correct."""
-    from mhop_lens.organism_gar.train import predict
-
     pred = predict(model, tok, rows).tolist()
     inv = {i: w for w, i in tok.get_vocab().items()}
     df = pd.DataFrame([r.__dict__ for r in rows])
@@ -113,13 +123,23 @@ def _gen_guesses(ex: GarExample, kinds: dict[str, str]) -> dict[str, Callable[[]
     return {"first_item": ans[0], "last_item": ans[-1], "unique_key_item": unique}
 
 
+def _tie_credit(counts: Counter, gold: str, labels: Sequence[str]) -> float:
+    """Expected accuracy of answering a majority label of ``counts`` chosen uniformly among the tied ones (all of
+    ``labels`` tie when ``counts`` is empty)."""
+    top = max(counts.values(), default=0)
+    tied = [k for k, v in counts.items() if v == top] if top else list(labels)
+    return (gold in tied) / len(tied) if tied else 0.0
+
+
 def shortcut_baselines(world, exs: list[GarExample], fit: list[GarExample]) -> dict[str, dict]:
     """Best single-cue predictor per form, fitted on ``fit`` (fresh examples) and scored on ``exs``.
 
     Yes/No forms: for each cue, the majority label per cue value. Generation forms: answering the first / last
     context item, the item whose key occurs once (random among several), a uniformly random context candidate
     (expected accuracy), and the most frequent fitted answer. ``chance`` is 0.5 for Yes/No and
-    E[1/#candidates] for generation.
+    E[1/#candidates] for generation. Independent of tie order: where several labels / answers tie for the majority
+    (or a cue value never occurs in ``fit``: all labels tie), the predictor is credited 1/#tied when gold is among
+    them (its expected accuracy choosing uniformly among the tied ones).
     """
     kinds = dict(world.value_relations[KIND_RELATION].facts)
     by_form: dict[str, list[GarExample]] = defaultdict(list)
@@ -137,9 +157,9 @@ def shortcut_baselines(world, exs: list[GarExample], fit: list[GarExample]) -> d
                 table: dict[object, Counter] = defaultdict(Counter)
                 for e in fit_by_form[form]:
                     table[_cues(e, kinds)[cue]][e.answer.strip()] += 1
-                guess = [table[_cues(e, kinds)[cue]].most_common(1)[0][0] if table[_cues(e, kinds)[cue]] else "Yes"
-                         for e in es]
-                res[cue] = sum(g == a for g, a in zip(guess, gold, strict=True)) / len(es)
+                labels = sorted({e.answer.strip() for e in fit_by_form[form]} | set(gold))
+                res[cue] = sum(_tie_credit(table[_cues(e, kinds)[cue]], a, labels)
+                               for e, a in zip(es, gold, strict=True)) / len(es)
             chance = 0.5
         else:
             guesses = [_gen_guesses(e, kinds) for e in es]
@@ -148,8 +168,8 @@ def shortcut_baselines(world, exs: list[GarExample], fit: list[GarExample]) -> d
             res["unique_key_item"] = sum(g["unique_key_item"].count(a) / max(1, len(g["unique_key_item"]))
                                          for g, a in zip(guesses, gold, strict=True)) / len(es)
             res["random_candidate"] = sum(1 / len(e.candidates) for e in es) / len(es)
-            prior = Counter(e.answer.strip() for e in fit_by_form[form]).most_common(1)[0][0]
-            res["prior_majority"] = sum(a == prior for a in gold) / len(es)
+            prior = Counter(e.answer.strip() for e in fit_by_form[form])
+            res["prior_majority"] = sum(_tie_credit(prior, a, sorted(prior)) for a in gold) / len(es)
             chance = res["random_candidate"]
         best = max(res, key=res.get)
         out[form] = {"chance": round(chance, 4), "best_cue": best, "best": round(res[best], 4),
@@ -171,7 +191,7 @@ def full_metrics(model, tok, world, n_per_task: int, check_per_task: int = 20) -
         "accuracy": df.groupby("form")["correct"].mean().round(4).to_dict(),
         "pair_accuracy": {k: round(v, 4) for k, v in pair_accuracy(df).items()},
         "compositionality": compositionality(df, exs),
-        "shortcuts": shortcut_baselines(world, exs, eval_examples(world, n_per_task, FIT_SEED)),
+        "shortcuts": shortcut_baselines(world, exs, _balanced(world, n_per_task, FIT_SEED)),
         "negation_cxt3_accuracy": unbalanced.groupby("form")["correct"].mean().round(4).to_dict(),
         "check": {"n_per_task": check_per_task,
                   "accuracy": check.groupby("form")["correct"].mean().round(4).to_dict()},

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import platform
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,49 +27,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mhop_lens.organism_gar.config import TrainConfig
+from mhop_lens.organism_gar.evaluate import eval_set, full_metrics, held_out_contexts
+from mhop_lens.organism_gar.predict import accuracy_by_form, answer_ids, encode, pad, predict
+from mhop_lens.organism_gar.splits import chunk_rows
 from mhop_lens.organism_gar.world import (
     Row,
     build_tokenizer,
     build_world,
-    examples,
-    fact_rows,
-    rows_of,
     vocab,
 )
 from mhop_lens.training import CHECKPOINT, check_seed, load_state, prepare_output, save_state, sha256, warmup_cosine
 
-
-@dataclass
-class TrainConfig:
-    """Recipe defaults are the shipped organism's (see docs/organism-gar.md)."""
-
-    seed: int = 0
-    steps: int = 10500
-    seconds: float | None = None
-    batch_size: int = 64
-    lr: float = 3e-3
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.0
-    warmup: int = 200
-    clip: float = 1.0
-    n_layer: int = 4
-    d_model: int = 64
-    n_head: int = 4
-    cxt_lens: tuple[int, ...] = (2, 3, 4)
-    chunk_per_task: int = 64
-    rep_fraction: float = 0.25
-    rep_max: int = 12
-    statement_loss_from: int | None = 1500
-    yesno_from: int | None = 6500
-    yesno_lr: float = 3e-3
-    yesno_fraction: float = 0.9
-    yesno_cxt_lens: tuple[int, ...] = (2,)
-    yesno_weight_decay: float = 0.01
-    yesno_seed: int | None = None
-    eval_per_task: int = 50
-    held_out_per_task: int = 250
-    eval_every: int = 250
-    checkpoint_every: int = 250
+__all__ = ["CHECKPOINT", "TrainConfig", "accuracy_by_form", "answer_ids", "encode", "pad", "predict", "train"]
 
 
 def build_model(cfg: TrainConfig, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -83,45 +52,6 @@ def build_model(cfg: TrainConfig, tok: PreTrainedTokenizerFast) -> LlamaForCausa
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config)
 
-
-def encode(tok: PreTrainedTokenizerFast, prompts: list[str]) -> list[list[int]]:
-    """BOS + word ids, exactly as TransformerBridge tokenises a string."""
-    ids = tok(prompts, add_special_tokens=False)["input_ids"]
-    return [[tok.bos_token_id, *r] for r in ids]
-
-
-def answer_ids(tok: PreTrainedTokenizerFast, rows: list[Row]) -> Int[Tensor, " n"]:
-    v = tok.get_vocab()
-    return torch.tensor([v[r.answer] for r in rows])
-
-
-def pad(seqs: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, " b"]]:
-    """Right-padded ids and each row's last real position."""
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-    return ids, torch.tensor([len(s) - 1 for s in seqs])
-
-
-@torch.no_grad()
-def predict(model, tok: PreTrainedTokenizerFast, rows: list[Row], batch_size: int = 256) -> Int[Tensor, " n"]:
-    """Greedy next-token id (whole vocabulary) after each prompt."""
-    model.eval()
-    seqs, out = encode(tok, [r.prompt for r in rows]), []
-    for i in range(0, len(seqs), batch_size):
-        ids, last = pad(seqs[i:i + batch_size], tok.pad_token_id)
-        logits = model(ids, attention_mask=(ids != tok.pad_token_id).long()).logits
-        out.append(logits[torch.arange(len(last)), last].argmax(-1))
-    return torch.cat(out)
-
-
-def accuracy_by_form(model, tok, rows: list[Row]) -> dict[str, float]:
-    hit = (predict(model, tok, rows) == answer_ids(tok, rows)).tolist()
-    forms: dict[str, list[bool]] = {}
-    for r, h in zip(rows, hit, strict=True):
-        forms.setdefault(r.form, []).append(h)
-    return {f: sum(v) / len(v) for f, v in sorted(forms.items())}
 
 
 class Stream:
@@ -136,12 +66,7 @@ class Stream:
 
     def rows(self, c: int) -> list[Row]:
         """Chunk c: generator examples (seed from self.seed and c) minus held-out contexts, plus facts, shuffled."""
-        cfg, seed = self.cfg, self.seed
-        rows = rows_of(examples(self.world, 7919 * (seed + 1) + c, cfg.chunk_per_task,
-                                self.cxt_lens[c % len(self.cxt_lens)]))
-        rows = [r for r in rows if r.context not in self.held_out] + fact_rows(self.world)
-        random.Random(f"{seed}|{c}").shuffle(rows)
-        return [r for r in rows if r.pair_id] if self.yesno_only else rows
+        return chunk_rows(self.world, self.cfg, self.seed, c, self.held_out, self.cxt_lens, self.yesno_only)
 
     def _load(self) -> None:
         rows = self.rows(self.chunk)
@@ -210,7 +135,6 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     trained model is only replaced with ``overwrite=True``.
     ``cfg.seconds`` caps this session's wall-clock time (the run stops early and says so; resume continues).
     """
-    from mhop_lens.organism_gar.evaluate import eval_set, full_metrics, held_out_contexts
 
     torch.set_num_threads(1)
     out = Path(out)

@@ -12,6 +12,8 @@ from mhop_lens.viz._frames import require
 
 VALUE_COLUMNS = ("score", "exact", "atp", "atp_ig")
 TYPE_COLORS = {"true": "#0072B2", "false": "#D55E00"}
+#: Node colours by head class (``heads.classify``: what the head writes on true / false rows and a truth probe).
+CLASS_COLORS = {"True": "#0072B2", "False": "#D55E00", "mixed": "#CC79A7", "other": "#999999"}
 CONDITION_COLORS = {"before": "#999999", "target": "#D55E00", "random": "#0072B2"}
 EDGE_COLORS = {1: "#009E73", -1: "#CC79A7"}          # head -> head edge score > 0 / < 0
 SIDE_DASH = {"q": "solid", "k": "dash", "v": "dot"}
@@ -60,11 +62,12 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
                 max_edges: int = 12, curve: pd.DataFrame | None = None, target: float = 0.8) -> go.Figure:
     """Circuit graph: input role spans (left) -> the top-k heads (placed by layer) -> the output (right).
 
-    Head nodes are coloured by role ("true" heads push true statements to Yes, "false" heads to No) and sized by
-    |score|. A role -> head edge is drawn where the head's attention from END to that span separates true from
-    false rows (|Cohen's d| of ``attn_d_<role>`` >= ``min_edge``; width |d|) or, when ``edges`` holds per-span
-    embedding edges (``attribute_edges(..., per_position=spans)``, column ``span``), from the span's edge score;
-    a span with no drawn edge is not drawn. Head -> output edges carry the head's score. ``top``: a
+    Head nodes are coloured by head class when ``scores`` has ``head_class`` (True / False / mixed / other, from
+    ``heads.classify``), else by the sign of the score ("true" heads push true statements to Yes, "false" heads to
+    No), and sized by |score|. A role -> head edge is drawn where the head's attention from END to that span
+    separates true from false rows (|Cohen's d| of ``attn_d_<role>`` >= ``min_edge``; width |d|) or, when ``edges``
+    holds per-span embedding edges (``attribute_edges(..., per_position=spans)``, column ``span``), from the span's
+    edge score; a span with no drawn edge is not drawn. Head -> output edges carry the head's score. ``top``: a
     ``heads.select`` table (default: the k largest |score| of ``scores``).
     ``edges``: an ``attribute_edges`` / ``exact_edge_patching`` frame (or its ``aggregate_edges``); the
     ``max_edges`` strongest head -> head edges between the drawn heads are added, width by |mean score| and
@@ -131,8 +134,10 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
             x=[0] * len(roles_drawn), y=[role_y[r] for r in roles_drawn], mode="markers+text", text=roles_drawn,
             textposition="middle left", marker=dict(size=22, color="#DDDDDD", line=dict(color="#555555", width=1)),
             name="input span", hoverinfo="text"))
-    for kind in ("true", "false"):
-        part = nodes[nodes["type"] == kind]
+    by_class = "head_class" in nodes.columns
+    colour_col, colours = ("head_class", CLASS_COLORS) if by_class else ("type", TYPE_COLORS)
+    for kind in colours:
+        part = nodes[nodes[colour_col] == kind]
         if part.empty:
             continue
         size = 18 + 22 * part[value].abs() / (nodes[value].abs().max() or 1)
@@ -141,8 +146,9 @@ def fig_circuit(scores: pd.DataFrame, top: pd.DataFrame | None = None, k: int = 
                                                                                strict=True)],
             mode="markers+text", text=[f"L{int(a)}H{int(b)}" for a, b in zip(part["layer"], part["head"],
                                                                                strict=True)],
-            textposition="top center", marker=dict(size=size, color=TYPE_COLORS[kind]),
-            name=f"{kind} head", hovertext=[f"{value} = {v:+.3f}" for v in part[value]], hoverinfo="text+name"))
+            textposition="top center", marker=dict(size=size, color=colours[kind]),
+            name=f"{kind} head" + (" (class)" if by_class else ""),
+            hovertext=[f"{value} = {v:+.3f}" for v in part[value]], hoverinfo="text+name"))
     fig.add_trace(go.Scatter(x=[n_layers + 1], y=[out_y], mode="markers+text", text=["logit(Yes) − logit(No)"],
                              textposition="middle right", marker=dict(size=24, color="#000000", symbol="square"),
                              name="output", hoverinfo="text"))
