@@ -1,0 +1,200 @@
+"""Real widths: lean weight processing, real-vocabulary fixtures, bounded lens memory, logits at read positions,
+reduced precision within a stated tolerance of fp32, automatic batch sizes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+#: Stated tolerances of reduced precision against fp32 on the organism's held-out queries (last position):
+#: share of equal top-1 tokens, largest |p - p_fp32| over the vocabulary, largest |log p - log p_fp32| of the fp32
+#: top token. Measured: bf16 0.995 / 0.023 / 0.082, fp16 1.0 / 0.003 / 0.008.
+TOLERANCE = {"bf16": (0.98, 0.05, 0.15), "fp16": (0.99, 0.01, 0.03)}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_lean_processing_equals_the_library(tiny_dirs, arch):
+    """Block-by-block processing (with vocabulary chunks of 100 rows) gives the library's processed weights."""
+    import functools
+    import types
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from mhop_lens import lean_weights
+
+    ref = TransformerBridge.boot_transformers(tiny_dirs[arch], device="cpu")
+    ref.enable_compatibility_mode(disable_warnings=True)
+    lean = TransformerBridge.boot_transformers(tiny_dirs[arch], device="cpu")
+    assert lean_weights.install(lean) is None
+    lean.process_weights = types.MethodType(functools.partial(lean_weights.lean_process_weights, vocab_chunk=100),
+                                            lean)
+    lean.enable_compatibility_mode(disable_warnings=True)
+    a, b = ref.state_dict(), lean.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    raw = TransformerBridge.boot_transformers(tiny_dirs[arch], device="cpu").state_dict()
+    assert any((raw[k] - b[k]).abs().max() > 1e-3 for k in raw), "nothing was processed"
+    tokens = torch.randint(3, 500, (2, 7))
+    torch.testing.assert_close(ref(tokens), lean(tokens), rtol=0, atol=1e-5)
+
+
+def test_load_model_uses_the_lean_path(tiny_models):
+    assert all(m.mhop_weight_processing == "lean" for m in tiny_models.values())
+
+
+def test_vocab_chunks_avoid_d_model_rows():
+    from mhop_lens.lean_weights import _chunks
+
+    for n, size, d in [(512, 100, 64), (164, 100, 64), (128_256, 8192, 4096), (4096, 8192, 4096)]:
+        bounds = _chunks(n, size, d)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(b - a != d and 0 < b - a <= size for a, b in bounds)
+        assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+
+
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory):
+    """A Llama-3-vocabulary model (128,256 logits) of tiny width, and its padded tokenizer."""
+    from mhop_lens.models import load_model
+    from mhop_lens.tiny_models import save_shaped_model
+
+    shape = dict(arch="llama", vocab_size=128_256, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                 n_ctx=128)
+    path = save_shaped_model(tmp_path_factory.mktemp("wide") / "m", shape)
+    return load_model(str(path), device="cpu")
+
+
+def test_real_vocabulary_fixture(wide_vocab):
+    from mhop_lens.analyses.lens import decode_ids
+    from mhop_lens.tiny_models import make_tokenizer
+
+    model = wide_vocab
+    assert model.cfg.d_vocab == 128_256 == len(model.tokenizer)
+    plain = make_tokenizer()
+    text = " The spouse of John Lennon is"
+    assert model.tokenizer(text, add_special_tokens=False)["input_ids"] == plain(text)["input_ids"]  # unchanged
+    words = decode_ids(model, torch.tensor([100_000, 128_255, 300]))
+    assert words[:2] == ["<unused100000>", "<unused128255>"] and words[2] == plain.decode([300])
+
+
+def test_ids_past_the_tokenizer_never_decode_empty(tiny_models):
+    from mhop_lens.analyses.lens import decode_ids
+
+    model = tiny_models["gpt2"]
+    n = len(model.tokenizer)
+    assert decode_ids(model, torch.tensor([n, n + 7])) == [f"<id {n}>", f"<id {n + 7}>"]
+
+
+def test_real_shape_configs():
+    from mhop_lens.tiny_models import shaped_config
+
+    cfg = shaped_config("llama3-8b", n_layers=2)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size,
+            cfg.vocab_size, cfg.num_hidden_layers) == (4096, 32, 8, 14_336, 128_256, 2)
+    cfg = shaped_config("llama2-7b")
+    assert (cfg.num_key_value_heads, cfg.vocab_size, cfg.num_hidden_layers) == (32, 32_000, 32)
+
+
+def _anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def _peak_growth(fn) -> int:
+    start, peak, done = _anon(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _anon()) - start
+
+
+def test_lens_readout_memory_is_bounded_by_the_chunk(wide_vocab):
+    """2048 rows over 128k logits would take 1 GiB at once; chunked, the peak stays a few chunks."""
+    from mhop_lens.analyses.lens import project, ranks, readout
+
+    model = wide_vocab
+    torch.manual_seed(0)
+    x = torch.randn(16, 128, model.cfg.d_model)
+    ids = {"a": torch.randint(0, model.cfg.d_vocab, (16, 128))}
+    chunk = 8 * 2**20
+    with torch.no_grad():
+        readout(model, x[:1], ids={"a": ids["a"][:1]}, chunk_bytes=chunk)  # warm-up
+        growth = _peak_growth(lambda: readout(model, x, ids, chunk_bytes=chunk))
+        assert growth < 12 * chunk, f"peak grew {growth / 2**20:.0f} MiB with {chunk / 2**20:.0f} MiB chunks"
+        # equal to the unchunked projection on a slice
+        got = readout(model, x[:2], {"a": ids["a"][:2]}, top_k=3, chunk_bytes=chunk)
+        proj = project(model, x[:2]).float()
+        assert torch.equal(got["a_rank"], ranks(proj, ids["a"][:2]).cpu())
+        torch.testing.assert_close(got["a_prob"], proj.softmax(-1).gather(-1, ids["a"][:2, :, None])[..., 0])
+        assert torch.equal(got["top"], proj.topk(3, dim=-1).indices)
+
+
+def test_logits_at_equals_the_full_forward(tiny_model):
+    from mhop_lens.forward import last_logits, logits_at
+    from mhop_lens.tokens import encode
+
+    enc = encode(tiny_model, [" The spouse of John", " The river of London is the"])
+    with torch.no_grad():
+        torch.testing.assert_close(logits_at(tiny_model, enc), last_logits(tiny_model, enc), rtol=0, atol=1e-5)
+        first = torch.full((2,), enc.tokens.shape[1] - 2)
+        full = tiny_model(enc.tokens, attention_mask=enc.attention_mask)
+        torch.testing.assert_close(logits_at(tiny_model, enc, positions=first), full[:, -2], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_reduced_precision_within_tolerance(organism, dtype):
+    """bf16 / fp16 end to end (weights, processing, forward) against fp32 on the organism's held-out queries."""
+    from mhop_lens.data import load_queries
+    from mhop_lens.forward import logits_at
+    from mhop_lens.models import load_model
+    from mhop_lens.tokens import encode
+
+    queries = list(load_queries("organism:heldout"))[:200]
+    low = load_model("organism", device="cpu", dtype=dtype)
+    assert next(low.original_model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    with torch.no_grad():
+        ref = logits_at(organism, encode(organism, [q.prompt for q in queries])).float().log_softmax(-1)
+        got = logits_at(low, encode(low, [q.prompt for q in queries])).float().log_softmax(-1)
+    top = ref.argmax(-1)
+    agree, prob_tol, logp_tol = TOLERANCE[dtype]
+    assert (got.argmax(-1) == top).float().mean() >= agree
+    assert (got.exp() - ref.exp()).abs().max() <= prob_tol
+    assert (got - ref).gather(-1, top[:, None]).abs().max() <= logp_tol
+
+
+def test_dtype_names():
+    from mhop_lens.budget import parse_dtype
+    from mhop_lens.errors import MhopLensError
+
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(None) is None
+    with pytest.raises(MhopLensError, match="fp32, bf16, fp16"):
+        parse_dtype("int8")
+
+
+def test_auto_batch_size_follows_memory_and_cap(tiny_models):
+    from mhop_lens.budget import auto_batch_size, resolve_batch_size, row_bytes
+    from mhop_lens.errors import MhopLensError
+
+    model = tiny_models["llama"]
+    per_row = row_bytes(model, 20)
+    assert auto_batch_size(model, 20, cap=10_000, available=per_row * 3 * 2 * 40) == 40
+    assert auto_batch_size(model, 20, cap=16, available=per_row * 3 * 2 * 40) == 16
+    assert auto_batch_size(model, 20, available=1) == 1
+    assert resolve_batch_size(12, model, 20) == 12 and resolve_batch_size("12", model, 20) == 12
+    assert 1 <= resolve_batch_size("auto:8", model, 20) <= 8
+    with pytest.raises(MhopLensError, match="auto:CAP"):
+        resolve_batch_size("lots", model, 20)
