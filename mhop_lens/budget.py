@@ -61,19 +61,20 @@ def auto_batch_size(model, n_tokens: int, cap: int = DEFAULT_CAP, logits_positio
     return max(1, min(cap, rows))
 
 
+def check_batch_size(value: int | str) -> None:
+    """A ``DataError`` unless ``value`` is a positive integer, ``auto`` or ``auto:CAP``."""
+    text = str(value).strip().lower()
+    cap = text.split(":", 1)[1] if text.startswith("auto:") else "1"
+    if not ((text.isdigit() and int(text) > 0) or ((text == "auto" or text.startswith("auto:"))
+                                                    and cap.isdigit() and int(cap) > 0)):
+        raise DataError(f"--batch-size {value!r}: pass a positive integer, 'auto' or 'auto:CAP' (e.g. auto:128).")
+
+
 def resolve_batch_size(value: int | str, model, n_tokens: int, logits_positions: int = 1) -> int:
     """A ``--batch-size`` value: an int as given; ``auto`` or ``auto:CAP`` from the available memory."""
-    if isinstance(value, int):
-        return value
+    check_batch_size(value)
     text = str(value).strip().lower()
     if text.isdigit():
         return int(text)
-    if text == "auto" or text.startswith("auto:"):
-        cap = DEFAULT_CAP
-        if ":" in text:
-            cap_text = text.split(":", 1)[1]
-            if not cap_text.isdigit() or int(cap_text) < 1:
-                raise DataError(f"--batch-size {value!r}: the cap after 'auto:' must be a positive integer.")
-            cap = int(cap_text)
-        return auto_batch_size(model, n_tokens, cap, logits_positions)
-    raise DataError(f"--batch-size {value!r}: pass a positive integer, 'auto' or 'auto:CAP' (e.g. auto:128).")
+    cap = int(text.split(":", 1)[1]) if ":" in text else DEFAULT_CAP
+    return auto_batch_size(model, n_tokens, cap, logits_positions)
