@@ -15,7 +15,10 @@ from pathlib import Path
 from common import CACHE
 
 #: Depths this 24 GiB, shared CPU machine holds in fp32 alongside the work (state them with every number).
-CPU_LAYERS = {"llama3-8b": 3, "llama2-7b": 4}
+CPU_LAYERS = {"llama3-8b": 3, "llama2-7b": 4, "tiny-llama": 2}
+#: A small stand-in with the Llama layout (GQA, RoPE, a vocabulary past the tokenizer's) to test the scripts.
+TEST_SHAPES = {"tiny-llama": dict(arch="llama", vocab_size=4096, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                                  d_mlp=128, n_ctx=256)}
 
 
 def shaped_dir(shape: str, n_layers: int | None, weights: bool = True) -> Path:
@@ -26,7 +29,7 @@ def shaped_dir(shape: str, n_layers: int | None, weights: bool = True) -> Path:
     done = path / ("model.safetensors.index.json" if weights else "config.json")
     if not (path / "config.json").is_file() or not (
             done.is_file() or (path / "model.safetensors").is_file() or not weights):
-        save_shaped_model(path, shape, n_layers=n_layers, weights=weights)
+        save_shaped_model(path, TEST_SHAPES.get(shape, shape), n_layers=n_layers, weights=weights)
     return path
 
 

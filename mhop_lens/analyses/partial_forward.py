@@ -27,6 +27,16 @@ from mhop_lens.tokens import Encoded
 
 #: Largest |logit| difference between ``run_from`` and a full forward that still counts as the same computation.
 FAST_PATH_TOL = 1e-4
+#: In bf16 / fp16 the same computation in other shapes rounds differently: up to this share of the largest |value|.
+LOW_PRECISION_RTOL = 1e-2
+
+
+def same_computation(got: Tensor, ref: Tensor) -> bool:
+    """|got - ref| within ``FAST_PATH_TOL`` (fp32), or within ``LOW_PRECISION_RTOL`` of max |ref| below fp32."""
+    tol = FAST_PATH_TOL
+    if ref.dtype in (torch.bfloat16, torch.float16):
+        tol = max(tol, LOW_PRECISION_RTOL * float(ref.float().abs().max()))
+    return bool((got.float() - ref.float()).abs().max() < tol)
 
 
 class _Stop(Exception):
@@ -92,9 +102,8 @@ def clean_run(model, enc: Encoded, names: Sequence[str] = (), share_prefixes: bo
         shared = _shared_clean_run(model, enc, group)
         if getattr(model, "_mhop_prefix_share_ok", None) is None:
             plain = clean_run(model, enc, share_prefixes=False)
-            model._mhop_prefix_share_ok = bool(
-                (shared.last_logits - plain.last_logits).abs().max() < FAST_PATH_TOL
-                and (shared.streams - plain.streams).abs().max() < FAST_PATH_TOL)
+            model._mhop_prefix_share_ok = (same_computation(shared.last_logits, plain.last_logits)
+                                           and same_computation(shared.streams, plain.streams))
             return shared if model._mhop_prefix_share_ok else plain
         return shared
     logits, kv, streams, extra = _streams_forward(model, enc.tokens, enc.attention_mask, names=names)
@@ -310,7 +319,7 @@ def check_fast_path(model, enc: Encoded) -> bool:
         rows = torch.arange(enc.tokens.shape[0], device=enc.tokens.device)
         got = run_from(model, clean.streams[start][:, end:], start, enc.attention_mask,
                        prefix_cache(clean.kv, rows, end, start))[:, -1]
-        ok = bool((got - clean.last_logits).abs().max() < FAST_PATH_TOL)
+        ok = same_computation(got, clean.last_logits)
     except Exception:  # noqa: BLE001 - any failure means: use the generic path
         ok = False
     model._mhop_fast_path_ok = ok

@@ -19,13 +19,13 @@ from torch import Tensor
 from transformers import Cache, DynamicCache
 
 from mhop_lens.analyses.partial_forward import (
-    FAST_PATH_TOL,
     BlockArgs,
     block_call,
     cache_of,
     kept_block_args,
     run_blocks,
     run_from,
+    same_computation,
     stored,
 )
 
@@ -99,7 +99,7 @@ def check_variant_path(model, variants: Float[Tensor, "n k d_model"], start: int
         tiled = [(e.keys.index_select(0, rows), e.values.index_select(0, rows)) for e in cache.layers]
         want = run_from(model, variants.transpose(0, 1).reshape(n * k, 1, -1), start, attention_mask[rows],
                         cache_of(tiled))[:, -1].view(k, n, -1).transpose(0, 1)
-        ok = bool((got - want).abs().max() < FAST_PATH_TOL)
+        ok = same_computation(got, want)
     except Exception:  # noqa: BLE001 - Unsupported or any failure means: use one row per variant
         ok = False
     model._mhop_variant_path_ok = ok
