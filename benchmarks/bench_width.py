@@ -210,6 +210,8 @@ def run(shape: str, layers: int | None, device: str, dtype: str, n: int, quick: 
         fcol = f"{f_units:.2f}" if f_units else "-"
         print(f"| {name} | {t:.3f} | {units:.2f} | {fcol} | {share} | {m / n / 2**20:.0f} | {how} |", flush=True)
         results.setdefault(name, {}).update(seconds=t, units=units, floor_units=f_units, peak_per_query=m / n)
+    if "back-patching" in results:
+        print(f"  back-patching ran the {results['back-patching'].get('path')} path", flush=True)
     if accept:
         results["acceptance"] = acceptance(model, queries, t_fwd, meter, quick)
     return {"shape": shape, "layers": L, "d_model": model.cfg.d_model, "vocab": model.cfg.d_vocab, "params": params,
