@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh --tiny   # the same steps on a tiny Llama-layout model (CPU or GPU), ~1 minute
 #
 # Needs torch (CUDA build), transformers, transformer-lens and this repository's dependencies; the package is used
-# from the checkout (PYTHONPATH), nothing is installed unless `pip install -e . --no-deps` is possible offline.
+# from the checkout (PYTHONPATH). The GPU image lacks transformer-lens: carry the wheels of benchmarks/gpu_wheels.sh
+# as `.whl` (they are installed into /tmp/site first).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -18,9 +19,14 @@ TINY=0
 [ "${1:-}" = "--tiny" ] && TINY=1
 START=$(date +%s)
 left() { echo $((480 - ($(date +%s) - START))); }
-export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export MHOP_BENCH_CACHE=${MHOP_BENCH_CACHE:-$OUT/cache}
 PY=${PYTHON:-python3}
+SITE=""
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && SITE=/tmp/site: || echo "== installing the carried wheels failed"
+fi
+export PYTHONPATH=$SITE$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export MHOP_BENCH_CACHE=${MHOP_BENCH_CACHE:-/tmp/mhop_bench_cache}
 echo "== $(date -u) on $(hostname)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 $PY - <<'PYEOF'
