@@ -198,3 +198,56 @@ def test_auto_batch_size_follows_memory_and_cap(tiny_models):
     assert 1 <= resolve_batch_size("auto:8", model, 20) <= 8
     with pytest.raises(MhopLensError, match="auto:CAP"):
         resolve_batch_size("lots", model, 20)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layerwise_backpatch_equals_the_reference(tmp_path, arch):
+    """All targets t in one pass over the layers (4 layers: t = 0, 1, 2 join at blocks 1, 2, 3) gives the
+    per-pair reference's logits, and is the path taken."""
+    from _hopping import tiny_queries
+
+    from mhop_lens.analyses import backpatch as bp
+    from mhop_lens.analyses.partial_forward import clean_run
+    from mhop_lens.models import load_model
+    from mhop_lens.tiny_models import save_tiny_model
+    from mhop_lens.tokens import encode
+
+    model = load_model(str(save_tiny_model(tmp_path / arch, arch, n_layers=4, seed=2)), device="cpu")
+    qs = tiny_queries()
+    enc = encode(model, [q.prompt for q in qs])
+    clean = clean_run(model, enc)
+    n = len(qs)
+    rows = torch.arange(n).repeat(2)
+    donor = torch.cat([torch.arange(n), torch.tensor(bp.derangement(n, 0))])
+    pos = bp.positions_of(enc, qs, "last")
+    pairs = bp.all_pairs(4)
+    by_t: dict[int, list[int]] = {}
+    for i, (_, t) in enumerate(pairs):
+        by_t.setdefault(t, []).append(i)
+    out = torch.empty(len(pairs), len(rows), model.cfg.d_vocab)
+    assert bp._layerwise(model, clean, rows, donor, pos[donor], pairs, by_t, out)
+    ref = bp.backpatch_reference_logits(model, clean, rows, pos[rows], pairs, donor, pos[donor])
+    assert (out - ref).abs().max() < 1e-4
+    fast = bp.backpatch_logits(model, clean, rows, pos[rows], pairs, donor, pos[donor])
+    assert (fast - ref).abs().max() < 1e-4
+
+
+def test_study_estimate_scales_to_full_depth():
+    """The study estimate recomputes each floor at 32 layers and keeps the measured share of the floor."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from study_estimate import estimate
+
+    result = {"shape": "llama3-8b", "layers": 3, "queries": 8, "width": 17, "dtype": "fp32", "device": "cpu",
+              "forward_tflops": 0.1, "analyses": {
+                  "evaluation": {"units": 3.0, "floor_units": None},
+                  "lens": {"units": 1.2, "floor_units": 0.6},
+                  "back-patching": {"units": 1.0, "floor_units": 0.5}}}
+    text = "\n".join(estimate(result, 989.0, 0.4))
+    assert "| evaluation | 3.00 / - |" in text and "GPU-hours" in text
+    assert "| entity decoding | not measured |" in text
+    line = next(x for x in text.splitlines() if x.startswith("| back-patching"))
+    floor_full, cost = (float(v) for v in line.split("|")[4:6])
+    assert cost == pytest.approx(2 * floor_full, rel=0.01) and floor_full > 0.5  # 50% share kept; 496 pairs
