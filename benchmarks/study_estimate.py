@@ -30,7 +30,8 @@ from common import forward_flops  # noqa: E402
 
 STUDY_QUERIES = 82_020
 ANALYSES = ("evaluation", "lens", "entity decoding", "knockout", "back-patching")
-DEFAULT_JSON = (HERE / "results" / "gpu" / "width_bf16.json", HERE / "results" / "width_cpu.json")
+GPU_JSON = HERE / "results" / "gpu" / "width_bf16.json"
+CPU_JSON = "width_cpu_*.json"  # one per shape, from bench_width.py on this CPU machine
 #: H200 dense bf16 tensor-core peak (TFLOP/s, no sparsity).
 H200_PEAK = 989.0
 
@@ -99,10 +100,13 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=H200_PEAK)
     parser.add_argument("--utilisation", type=float, default=0.4)
     args = parser.parse_args()
-    paths = [Path(p) for p in args.json] if args.json else [p for p in DEFAULT_JSON if p.is_file()][:1]
+    if args.json:
+        paths = [Path(p) for p in args.json]
+    else:
+        paths = [GPU_JSON] if GPU_JSON.is_file() else sorted((HERE / "results").glob(CPU_JSON))
     if not paths:
-        print("Error: no bench_width.py results found; run `python benchmarks/bench_width.py --json "
-              "benchmarks/results/width_cpu.json` first.")
+        print("Error: no bench_width.py results found; run `python benchmarks/bench_width.py --shapes llama3-8b "
+              "--json benchmarks/results/width_cpu_llama3-8b.json` first.")
         return 1
     print(f"Two-hop study: {STUDY_QUERIES:,} queries x (evaluation, lens, entity decoding, knockout, back-patching); "
           f"from {', '.join(str(p) for p in paths)}")

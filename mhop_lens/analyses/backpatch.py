@@ -189,7 +189,7 @@ def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, cal
         return model.unembed(model.ln_final(resid))[:, -1]
     mask = clean.enc.attention_mask[rows.to(device)]
     cache = prefix_cache(clean.kv, rows.to(device), start, t + 1)
-    return run_from(model, resid, t + 1, mask, cache, block_args=calls)[:, -1]
+    return run_from(model, resid, t + 1, mask, cache, block_args=calls, last_only=True)[:, -1]
 
 
 # reference ----------------------------------------------------------------------------------------------------
