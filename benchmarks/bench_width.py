@@ -150,7 +150,8 @@ def acceptance(model, queries, t_fwd: float, meter: Meter, quick: bool) -> dict:
     return out
 
 
-def run(shape: str, layers: int | None, device: str, dtype: str, n: int, quick: bool, accept: bool) -> dict:
+def run(shape: str, layers: int | None, device: str, dtype: str, n: int, quick: bool, accept: bool,
+        only: set[str] | None = None) -> dict:
     meter = Meter(device)
     anon0 = anon_bytes()
     start = time.perf_counter()
@@ -185,6 +186,8 @@ def run(shape: str, layers: int | None, device: str, dtype: str, n: int, quick: 
         "back-patching": lambda: run_backpatch(model, queries, control=False, batch_size=n, progress=False),
     }
     results: dict[str, dict] = {}
+    if only is not None:
+        analyses = {k: v for k, v in analyses.items() if k in only}
     for name, fn in analyses.items():
         try:
             small = queries[:2]
@@ -230,6 +233,8 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--analyses", default=None, help="comma-separated subset of: evaluation, lens, entity "
+                        "decoding, knockout, back-patching ('' = none: only the clean forward and the acceptance)")
     parser.add_argument("--no-accept", action="store_true", help="skip the baselines (back-patching reference, "
                         "transformer_lens.patching, exact head patching)")
     args = parser.parse_args()
@@ -237,7 +242,8 @@ def main() -> int:
     out = []
     for shape in args.shapes.split(","):
         layers = None if args.layers == "full" else int(args.layers) if args.layers else CPU_LAYERS[shape]
-        out.append(run(shape, layers, args.device, args.dtype, args.queries, args.quick, not args.no_accept))
+        only = None if args.analyses is None else {a.strip() for a in args.analyses.split(",") if a.strip()}
+        out.append(run(shape, layers, args.device, args.dtype, args.queries, args.quick, not args.no_accept, only))
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     if args.json:
