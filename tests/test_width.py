@@ -3,9 +3,6 @@ reduced precision within a stated tolerance of fp32, automatic batch sizes."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 
@@ -57,15 +54,20 @@ def test_vocab_chunks_avoid_d_model_rows():
 
 
 @pytest.fixture(scope="module")
-def wide_vocab(tmp_path_factory):
-    """A Llama-3-vocabulary model (128,256 logits) of tiny width, and its padded tokenizer."""
-    from mhop_lens.models import load_model
+def wide_vocab_dir(tmp_path_factory):
+    """A Llama-3-vocabulary model (128,256 logits) of tiny width, and its padded tokenizer, saved."""
     from mhop_lens.tiny_models import save_shaped_model
 
     shape = dict(arch="llama", vocab_size=128_256, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
                  n_ctx=128)
-    path = save_shaped_model(tmp_path_factory.mktemp("wide") / "m", shape)
-    return load_model(str(path), device="cpu")
+    return save_shaped_model(tmp_path_factory.mktemp("wide") / "m", shape)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab(wide_vocab_dir):
+    from mhop_lens.models import load_model
+
+    return load_model(str(wide_vocab_dir), device="cpu")
 
 
 def test_real_vocabulary_fixture(wide_vocab):
@@ -99,47 +101,65 @@ def test_real_shape_configs():
     assert (cfg.num_key_value_heads, cfg.vocab_size, cfg.num_hidden_layers) == (32, 32_000, 32)
 
 
-def _anon() -> int:
+READOUT_PEAK = """
+import sys, threading, time, torch
+from mhop_lens.models import load_model
+from mhop_lens.analyses.lens import readout
+def anon():
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-
-def _peak_growth(fn) -> int:
-    start, peak, done = _anon(), [0], threading.Event()
-
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+model = load_model(sys.argv[1], device="cpu")
+torch.manual_seed(0)
+x = torch.randn(16, 128, model.cfg.d_model)
+ids = {"a": torch.randint(0, model.cfg.d_vocab, (16, 128))}
+chunk = int(sys.argv[2])
+with torch.no_grad():
+    readout(model, x[:1], {"a": ids["a"][:1]}, chunk_bytes=chunk)
+    start, peak, done = anon(), [0], threading.Event()
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _anon())
+            peak[0] = max(peak[0], anon())
             time.sleep(0.0005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak[0], _anon()) - start
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    readout(model, x, ids, chunk_bytes=chunk)
+    done.set()
+    t.join()
+print(max(peak[0], anon()) - start)
+"""
 
 
-def test_lens_readout_memory_is_bounded_by_the_chunk(wide_vocab):
-    """2048 rows over 128k logits would take 1 GiB at once; chunked, the peak stays a few chunks."""
+def _readout_growth(path, chunk: int) -> int:
+    """Peak anonymous-memory growth of a readout of 2048 rows in a fresh process whose allocator returns large
+    blocks to the system at once (MALLOC_MMAP_THRESHOLD_), so the peak is that of the live tensors."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", READOUT_PEAK, str(path), str(chunk)], capture_output=True,
+                         text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_lens_readout_memory_is_bounded_by_the_chunk(wide_vocab_dir, wide_vocab):
+    """2048 rows over 128k logits take 1 GiB at once; in 8 MiB chunks the peak stays a few chunks."""
     from mhop_lens.analyses.lens import project, ranks, readout
 
+    chunk = 8 * 2**20
+    growth = _readout_growth(wide_vocab_dir, chunk)
+    assert growth < 12 * chunk, f"peak grew {growth / 2**20:.0f} MiB with {chunk / 2**20:.0f} MiB chunks"
+    whole = _readout_growth(wide_vocab_dir, 2048 * 4 * 128_256)  # one chunk: the unbounded read-out
+    assert whole > 4 * growth, "the measurement cannot tell chunked from unchunked"
     model = wide_vocab
     torch.manual_seed(0)
-    x = torch.randn(16, 128, model.cfg.d_model)
-    ids = {"a": torch.randint(0, model.cfg.d_vocab, (16, 128))}
-    chunk = 8 * 2**20
-    with torch.no_grad():
-        readout(model, x[:1], ids={"a": ids["a"][:1]}, chunk_bytes=chunk)  # warm-up
-        growth = _peak_growth(lambda: readout(model, x, ids, chunk_bytes=chunk))
-        assert growth < 12 * chunk, f"peak grew {growth / 2**20:.0f} MiB with {chunk / 2**20:.0f} MiB chunks"
-        # equal to the unchunked projection on a slice
-        got = readout(model, x[:2], {"a": ids["a"][:2]}, top_k=3, chunk_bytes=chunk)
-        proj = project(model, x[:2]).float()
-        assert torch.equal(got["a_rank"], ranks(proj, ids["a"][:2]).cpu())
-        torch.testing.assert_close(got["a_prob"], proj.softmax(-1).gather(-1, ids["a"][:2, :, None])[..., 0])
+    x = torch.randn(2, 128, model.cfg.d_model)
+    ids = torch.randint(0, model.cfg.d_vocab, (2, 128))
+    with torch.no_grad():  # equal to the unchunked projection
+        got = readout(model, x, {"a": ids}, top_k=3, chunk_bytes=chunk)
+        proj = project(model, x).float()
+        assert torch.equal(got["a_rank"], ranks(proj, ids).cpu())
+        torch.testing.assert_close(got["a_prob"], proj.softmax(-1).gather(-1, ids[:, :, None])[..., 0])
         assert torch.equal(got["top"], proj.topk(3, dim=-1).indices)
 
 
