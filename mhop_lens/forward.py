@@ -26,6 +26,22 @@ def last_logits(model, enc: Encoded, fwd_hooks: Sequence = ()) -> Float[Tensor, 
     return logits[torch.arange(logits.shape[0], device=logits.device), enc.last.to(logits.device)]
 
 
+def logits_at(model, enc: Encoded, fwd_hooks: Sequence = (), positions: Tensor | None = None
+              ) -> Float[Tensor, "batch vocab"]:
+    """Logits at one position per row (default: its last real token), unembedding only those positions.
+
+    The unembedding's input is cut to the read positions by a hook, so a batch holds ``[batch, vocab]`` logits
+    instead of ``[batch, pos, vocab]`` (at a 128k vocabulary and 128 rows x 20 tokens: 1.3 GB less in fp32).
+    """
+    pos = (enc.last if positions is None else positions).to(enc.tokens.device)
+    rows = torch.arange(enc.tokens.shape[0], device=enc.tokens.device)
+
+    def cut(act: Tensor, hook=None) -> Tensor:
+        return act[rows.to(act.device), pos.to(act.device)][:, None]
+
+    return run(model, enc, [*fwd_hooks, ("unembed.hook_in", cut)])[:, 0]
+
+
 def run_with_cache(model, enc: Encoded, names: Sequence[str] | None = None):
     """Logits and an activation cache (only ``names`` when given) for a padded batch."""
     kw = {"names_filter": validate(model, names)} if names is not None else {}

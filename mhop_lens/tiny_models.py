@@ -186,3 +186,90 @@ def load_tiny_model(path: str | os.PathLike, device: str = "cpu", **kw):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), add_bos_token=True)
     return load_model(str(path), device=device, tokenizer=tokenizer, **kw)
 
+
+#: Shapes of the models the two-hop studies run on (d_model, heads, kv heads, MLP width, vocabulary, depth).
+REAL_SHAPES = {
+    "llama3-8b": dict(arch="llama", vocab_size=128_256, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
+                      d_mlp=14_336, n_ctx=8192),
+    "llama2-7b": dict(arch="llama", vocab_size=32_000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
+                      d_mlp=11_008, n_ctx=4096),
+    "llama2-13b": dict(arch="llama", vocab_size=32_000, n_layers=40, d_model=5120, n_heads=40, n_kv_heads=40,
+                       d_mlp=13_824, n_ctx=4096),
+}
+
+
+def pad_tokenizer(tokenizer, vocab_size: int):
+    """``tokenizer`` (a ``make_tokenizer`` BPE) with placeholder tokens ``<unused{id}>`` up to ``vocab_size`` ids.
+
+    The placeholders live in the BPE vocabulary (no merge produces them), so encoding is unchanged, loading stays
+    fast (no 100k added tokens) and an id past the trained vocabulary decodes to its placeholder, never to ''.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer already has {len(tokenizer)} tokens, more than vocab_size={vocab_size}.")
+    taken = set(vocab.values()) | {t["id"] for t in spec["added_tokens"]}
+    for i in range(vocab_size):
+        if i not in taken:
+            vocab[f"<unused{i}>"] = i
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<bos>",
+                                   eos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def shaped_config(shape: str | dict, n_layers: int | None = None, vocab_size: int | None = None):
+    """The HF config of a real model shape (a ``REAL_SHAPES`` name or a dict of ``make_config`` arguments), with
+    optionally fewer layers or another vocabulary size."""
+    spec = dict(REAL_SHAPES[shape]) if isinstance(shape, str) else dict(shape)
+    spec["n_layers"] = n_layers or spec["n_layers"]
+    spec["vocab_size"] = vocab_size or spec["vocab_size"]
+    return make_config(spec.pop("arch"), spec["vocab_size"], spec["n_layers"], spec["d_model"], spec["n_heads"],
+                       spec.get("n_kv_heads"), spec.get("n_ctx", 2048), spec.get("d_mlp"))
+
+
+def save_shaped_model(
+    out_dir: str | os.PathLike,
+    shape: str | dict = "llama3-8b",
+    *,
+    n_layers: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    weights: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save a randomly initialised model of a real shape (any width and vocabulary) + a padded tokenizer.
+
+    Timing and memory do not depend on weight values, so this tells the cost of e.g. Llama-3-8B without its
+    weights. ``n_layers`` cuts the depth to what the machine holds. ``weights=False`` saves only the config and
+    tokenizer: build the model where it runs with ``build_shaped_model`` (a 32-layer 8B model on a GPU, without
+    writing 32 GB to disk).
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = shaped_config(shape, n_layers, vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pad_tokenizer(make_tokenizer(), cfg.vocab_size).save_pretrained(out)
+    if not weights:
+        cfg.save_pretrained(out)
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(out)
+    del model
+    return out
+
+
+def build_shaped_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       seed: int = 0):
+    """A randomly initialised HF model of the config saved in ``path``, built directly on ``device`` in ``dtype``
+    (pass it to ``load_model(path, hf_model=...)``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype).eval()

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mhop_lens import hooks
 from mhop_lens.analyses.metrics import Metric
 from mhop_lens.errors import SpanError
-from mhop_lens.forward import run
+from mhop_lens.forward import logits_at, run
 from mhop_lens.positions import token_positions
 from mhop_lens.tokens import Encoded, encode
 
@@ -620,7 +620,7 @@ def exact_patching(
         rows, clean, corrupt = batch.rows, batch.clean, batch.corrupt
         t0 = time.perf_counter()
         clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
-        m_corrupt = metric(end_logits(run(model, corrupt, counting_hooks(counter)), corrupt), rows)
+        m_corrupt = metric(logits_at(model, corrupt, counting_hooks(counter)), rows)
         b = len(rows)
         per_fwd = max(1, max_rows // b)
         effects: dict[tuple[str, int], Tensor] = {}
@@ -630,8 +630,8 @@ def exact_patching(
             for g, (s, l, h) in enumerate(group):
                 by_site.setdefault((s, l), []).append((g, h))
             fwd = [(name_of[k], _patch_hook(k[0], v, clean_acts[k], b, alpha)) for k, v in by_site.items()]
-            logits = run(model, corrupt.repeat(len(group)), fwd + counting_hooks(counter))
-            m = metric(end_logits(logits, corrupt, len(group)), rows.repeat(len(group))).view(len(group), b)
+            logits = logits_at(model, corrupt.repeat(len(group)), fwd + counting_hooks(counter))
+            m = metric(logits, rows.repeat(len(group))).view(len(group), b)
             for g, (s, l, h) in enumerate(group):
                 col = effects.setdefault((s, l), torch.zeros(b, 1, model.cfg.n_heads if s == "z" else 1))
                 col[:, 0, max(h, 0)] = (m[g] - m_corrupt).cpu()

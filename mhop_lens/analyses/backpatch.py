@@ -115,6 +115,8 @@ def backpatch_logits(
     for i, (_, t) in enumerate(pairs):
         by_t.setdefault(t, []).append(i)
     last_only = start == clean.enc.tokens.shape[1] - 1  # every row patched at its last position
+    if last_only and len(by_t) > 1 and _layerwise(model, clean, rows, donor, donor_pos, pairs, by_t, out):
+        return out
     for t, idx in by_t.items():
         if last_only and len(idx) > 1 and _variants(model, clean, rows, donor, donor_pos, pairs, idx, out):
             continue
@@ -162,6 +164,51 @@ def _variants(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pa
     return True
 
 
+def _layerwise(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pair], by_t: dict[int, list[int]],
+               out) -> bool:
+    """Every pair at the last position in ONE pass over the layers: block l runs once, on the variant tokens of
+    every t < l together (the pairs of target t join as new variants before block t+1), and the unembedding runs
+    once at the end. Per-t calls read block l's weights once per t < l and the unembedding once per t; at d_model
+    4096 those one-token calls are bound by reading the weights, so this reads each block once per batch (issue
+    19). False (nothing written) where the variant path does not hold for this model."""
+    from mhop_lens.analyses.variant_tokens import variant_args
+
+    device = clean.streams.device
+    n_layers, start = model.cfg.n_layers, clean.enc.tokens.shape[1] - 1
+    ts = sorted(by_t)
+    donor, donor_pos = donor.to(device), donor_pos.to(device)
+    calls = kept_block_args(model, variant_args)
+    order = [i for t in ts for i in by_t[t]]  # variant columns: pairs grouped by t, t ascending
+    step = _rows_per_call(model, clean, ts[0], start)
+    for a in range(0, len(rows), step):
+        r = rows[a : a + step].to(device)
+        d, dp = donor[a : a + step, None], donor_pos[a : a + step, None]
+        mask, cache = clean.enc.attention_mask[r], prefix_cache(clean.kv, r, start, ts[0] + 1)
+        if a == 0:
+            first = torch.tensor([pairs[i][0] for i in by_t[ts[0]]], device=device)
+            probe = clean.streams[first[None] + 1, d[:4], dp[:4]]
+            if variant_path_cause(model, probe, ts[0] + 1, mask[:4],
+                                  prefix_cache(clean.kv, r[:4], start, ts[0] + 1)) is not None:
+                return False  # the per-t variant path below checks the same and warns with the cause
+        hidden = None
+        with torch.no_grad():
+            for layer in range(ts[0] + 1, n_layers):
+                if layer - 1 in by_t:
+                    src = torch.tensor([pairs[i][0] for i in by_t[layer - 1]], device=device)
+                    new = clean.streams[src[None] + 1, d, dp]
+                    hidden = new if hidden is None else torch.cat([hidden, new], dim=1)
+                args, kwargs = calls(hidden.shape[1], mask, cache)
+                if args:
+                    args[0] = hidden
+                else:
+                    kwargs["hidden_states"] = hidden
+                got = model.blocks[layer](*args, **kwargs)
+                hidden = got[0] if isinstance(got, tuple) else got
+            logits = readout(model, hidden)  # [rows, pairs, vocab], with the model's logit scale / soft cap
+        out[order, a : a + step] = logits.transpose(0, 1).to(out.dtype)
+    return True
+
+
 def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, calls: BlockArgs) -> Tensor:
     """Last-position logits of ``resid`` (positions >= start of ``rows``) entering block t+1."""
     device = clean.streams.device
@@ -169,7 +216,7 @@ def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, cal
         return readout(model, resid)[:, -1]
     mask = clean.enc.attention_mask[rows.to(device)]
     cache = prefix_cache(clean.kv, rows.to(device), start, t + 1)
-    return run_from(model, resid, t + 1, mask, cache, block_args=calls)[:, -1]
+    return run_from(model, resid, t + 1, mask, cache, block_args=calls, last_only=True)[:, -1]
 
 
 # reference ----------------------------------------------------------------------------------------------------

@@ -46,9 +46,43 @@ def ranks(logits: Float[Tensor, "... vocab"], ids: Tensor) -> Tensor:
     return (logits > value).sum(-1)
 
 
+#: Bytes of vocabulary logits (fp32) one ``read_stats`` chunk may hold; the lens's extra memory is a few times this,
+#: whatever the batch, depth or vocabulary (a 128k vocabulary: 128 rows per chunk).
+READOUT_CHUNK_BYTES = 64 * 2**20
+
+
+def read_stats(model, x: Float[Tensor, "... d_model"], ids: dict[str, Tensor], top_k: int = 5,
+            chunk_bytes: int = READOUT_CHUNK_BYTES) -> dict[str, Tensor]:
+    """Projection statistics of residual-space vectors, a bounded number of rows at a time (on the CPU).
+
+    For each name in ``ids`` (token ids shaped like ``x``'s leading dims): ``{name}_rank`` (``ranks``) and
+    ``{name}_prob`` (softmax of the projection); ``top`` holds the ``top_k`` token ids. Rows are projected in
+    chunks of ``chunk_bytes`` of fp32 logits, so memory does not grow with rows x vocabulary.
+    """
+    shape = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    flat_ids = {name: i.reshape(-1).to(x.device) for name, i in ids.items()}
+    step = max(1, chunk_bytes // (4 * model.cfg.d_vocab))
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, flat.shape[0], step):
+        proj = project(model, flat[start : start + step]).float()  # [chunk, vocab]
+        logz = proj.logsumexp(-1)
+        for name, i in flat_ids.items():
+            i = i[start : start + step, None]
+            parts.setdefault(f"{name}_rank", []).append(ranks(proj, i[:, 0]).cpu())
+            parts.setdefault(f"{name}_prob", []).append((proj.gather(-1, i)[:, 0] - logz).exp().cpu())
+        parts.setdefault("top", []).append(proj.topk(top_k, dim=-1).indices.cpu())
+        del proj
+    return {k: torch.cat(v).reshape(*shape, *v[0].shape[1:]) for k, v in parts.items()}
+
+
 def decode_ids(model, ids: Tensor) -> list[str]:
-    """Each id decoded on its own (leading spaces kept)."""
-    return model.tokenizer.batch_decode(ids.reshape(-1, 1).tolist())
+    """Each id decoded on its own (leading spaces kept). Ids the tokenizer does not have (a vocabulary padded past
+    the tokenizer, e.g. Pythia's 50,304 logits over 50,277 tokens) read ``<id N>``, never ''."""
+    flat = ids.reshape(-1).tolist()
+    known = len(model.tokenizer)
+    words = model.tokenizer.batch_decode([[i] if i < known else [] for i in flat])
+    return [w if i < known else f"<id {i}>" for w, i in zip(words, flat, strict=True)]
 
 
 @torch.inference_mode()
@@ -74,11 +108,9 @@ def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Posi
         for site in sites:
             acts = torch.stack([_read(cache[SITES[site](layer)][rows, pos], layer, site, translator)
                                 for layer in range(n_layers)], 1)
-            proj = project(model, acts).float()  # [batch, layer, vocab]
             expand = lambda ids: ids[:, None].expand(-1, n_layers)  # noqa: E731
-            probs = proj.softmax(-1)
-            top = proj.topk(top_k, dim=-1).indices
-            top_str = np.array(decode_ids(model, top), dtype=object).reshape(len(queries), n_layers, top_k)
+            read = read_stats(model, acts, {"e2": expand(e2), "e3": expand(e3), "pred": expand(pred)}, top_k)
+            top_str = np.array(decode_ids(model, read["top"]), dtype=object).reshape(len(queries), n_layers, top_k)
             frames.append(pd.DataFrame({
                 "qid": np.repeat([q.id for q in queries], n_layers),
                 "layer": np.tile(np.arange(n_layers), len(queries)),
@@ -87,11 +119,11 @@ def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Posi
                 "position": S.label(pos_name),
                 "token_index": np.repeat(S.unpadded(enc, pos).numpy(), n_layers),
                 "token": np.repeat(decode_ids(model, enc.tokens[rows.cpu(), pos.cpu()]), n_layers),
-                "e2_rank": ranks(proj, expand(e2)).cpu().numpy().ravel(),
-                "e3_rank": ranks(proj, expand(e3)).cpu().numpy().ravel(),
-                "e2_prob": probs.gather(-1, expand(e2)[..., None]).cpu().numpy().ravel(),
-                "e3_prob": probs.gather(-1, expand(e3)[..., None]).cpu().numpy().ravel(),
-                "pred_rank": ranks(proj, expand(pred)).cpu().numpy().ravel(),
+                "e2_rank": read["e2_rank"].numpy().ravel(),
+                "e3_rank": read["e3_rank"].numpy().ravel(),
+                "e2_prob": read["e2_prob"].numpy().ravel(),
+                "e3_prob": read["e3_prob"].numpy().ravel(),
+                "pred_rank": read["pred_rank"].numpy().ravel(),
                 "pred_token": np.repeat(decode_ids(model, pred), n_layers),
                 "top1": top_str[:, :, 0].ravel(),
                 "top_tokens": [list(t) for t in top_str.reshape(-1, top_k)],

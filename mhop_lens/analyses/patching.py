@@ -196,7 +196,7 @@ def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: 
                 resid[torch.arange(len(rows)), (pos - p0).to(dev)] = clean.streams[layer][rows.to(dev), pos.to(dev)]
                 cache = prefix_cache(corrupt.kv, rows.to(dev), p0, layer)
                 logits = run_from(model, resid, layer, corrupt.enc.attention_mask[rows.to(dev)], cache,
-                                  block_args=calls)[:, -1]
+                                  block_args=calls, last_only=True)[:, -1]
                 for i, p in enumerate(ps.tolist()):
                     out[(layer, p)] = logits[i * n : (i + 1) * n]
     else:
@@ -215,7 +215,7 @@ def patch_logits(model, clean: CleanRun, corrupt: CleanRun, sites: str, layers: 
                 logits = run_from(model, corrupt.streams[layer][rows.to(dev), p0:], layer,
                                   corrupt.enc.attention_mask[rows.to(dev)],
                                   prefix_cache(corrupt.kv, rows.to(dev), p0, layer),
-                                  [(name, fn)], block_args=calls)[:, -1]
+                                  [(name, fn)], block_args=calls, last_only=True)[:, -1]
                 for i, h in enumerate(hs.tolist()):
                     out[(layer, h)] = logits[i * n : (i + 1) * n]
     return out

@@ -21,7 +21,6 @@ from transformers import DynamicCache
 
 from mhop_lens.analyses.hf_compat import cache_of, is_cache, kv_layers, seq_length
 from mhop_lens.analyses.partial_forward import (
-    FAST_PATH_TOL,
     BlockArgs,
     _verdicts,
     block_call,
@@ -29,6 +28,7 @@ from mhop_lens.analyses.partial_forward import (
     kept_block_args,
     run_blocks,
     run_from,
+    same_computation,
     stored,
 )
 
@@ -106,8 +106,9 @@ def variant_path_cause(model, variants: Float[Tensor, "n k d_model"], start: int
         tiled = [(key_.index_select(0, rows), value.index_select(0, rows)) for key_, value in layers]
         want = run_from(model, variants.transpose(0, 1).reshape(n * k, 1, -1), start, attention_mask[rows],
                         cache_of(tiled))[:, -1].view(k, n, -1).transpose(0, 1)
-        diff = float((got - want).abs().max())
-        cause = None if diff < FAST_PATH_TOL else f"variant tokens differ from one row per variant by {diff:.3g}"
+        diff = float((got.float() - want.float()).abs().max())
+        same = same_computation(got, want)
+        cause = None if same else f"variant tokens differ from one row per variant by {diff:.3g}"
     except Exception as e:  # noqa: BLE001 - Unsupported or any failure means: use one row per variant
         cause = describe(e)
     verdicts[key] = cause

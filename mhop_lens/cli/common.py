@@ -12,8 +12,8 @@ from mhop_lens.errors import MhopLensError
 
 
 def run_options(f: Callable) -> Callable:
-    """--model --data --out --limit --resume --shard --seed --batch-size --device --device-map --threads --on-error
-    --overwrite, and --executor --shards --executor-option (run the verb's shards through submitit)."""
+    """--model --data --out --limit --resume --shard --seed --batch-size --device --device-map --dtype --threads
+    --on-error --overwrite, and --executor --shards --executor-option (run the verb's shards through submitit)."""
     options = [
         click.option("--model", "model", default="organism", show_default=True,
                      help="'organism', a local HF model directory, or a hub name."),
@@ -27,11 +27,16 @@ def run_options(f: Callable) -> Callable:
         click.option("--shard", default=None, metavar="I/N",
                      help="Process shard I of N (disjoint query subsets; combine with `mhop-lens merge`)."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", type=POSITIVE, default=32, show_default=True),
+        click.option("--batch-size", default="32", show_default=True, metavar="N|auto|auto:CAP",
+                     help="Queries per batch, or 'auto' to size batches from the free memory (GPU or CPU RAM), "
+                          "at most CAP (default 256)."),
         click.option("--device", default=None, callback=check_device_option,
                      help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--device-map", default=None,
                      help="Passed to the HF loader for models larger than one GPU, e.g. 'auto'."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="Weight precision (default: fp32). bf16 halves memory; results stay within the tolerance "
+                          "stated in tests/test_width.py."),
         click.option("--threads", type=POSITIVE, default=None,
                      help="CPU threads for torch (default: 1 for models under 100M parameters on CPU, where thread "
                           "synchronisation costs more than it saves, especially on a shared machine)."),
@@ -135,6 +140,17 @@ def set_threads(model, threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def batch_size(value, model, queries) -> int:
+    """--batch-size as a number of rows: given, or from the free memory and the longest prompt (``budget``)."""
+    from mhop_lens.budget import resolve_batch_size
+    from mhop_lens.tokens import encode
+
+    if str(value).strip().isdigit():
+        return int(value)
+    longest = max((q.prompt for q in queries[:1000]), key=len, default="")
+    return resolve_batch_size(value, model, int(encode(model, [longest]).tokens.shape[1]) + 8)
+
+
 def check_inputs(kw: dict, shard: bool = True):
     """Load the queries and check --shard and --model (before any directory is written); return the queries and
     the fingerprint of each input (resolved path and content hash of the data file, the model directory and
@@ -177,16 +193,19 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True, check: Callable | None 
     ``shard=False`` returns every query (verbs that draw donors or partners from all queries shard later with
     ``mhop_lens.runs.shard_items``). Skipped malformed rows (``--on-error skip``) are printed and logged.
     """
+    from mhop_lens.budget import check_batch_size
     from mhop_lens.data.issues import describe
     from mhop_lens.data.vocab import check_vocabulary
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
+    requested = kw["batch_size"]
+    check_batch_size(requested)
     queries, inputs = check_inputs(kw, shard)
     store_args = (kw["out"], verb, kw, kw["resume"])
     store_kw = {"inputs": inputs, "overwrite": kw.get("overwrite", False)}
     RunStore.precheck(*store_args, **store_kw)  # refuse at once, before loading a large model
-    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"])
+    model = load_model(kw["model"], device=kw["device"], device_map=kw["device_map"], dtype=kw.get("dtype"))
     queries = check_vocabulary(model, queries, kw["on_error"], source=kw["data"])
     if check is not None:
         check(queries)
@@ -202,5 +221,7 @@ def setup_sweep(verb: str, kw: dict, shard: bool = True, check: Callable | None 
         for issue in queries.issues:
             store.log(f"skipped {issue}")
     store.log(f"torch threads: {threads}")
+    kw["batch_size"] = batch_size(requested, model, queries)
+    store.log(f"batch size: {kw['batch_size']} (--batch-size {requested})")
     store.log(f"{len(queries)} queries from {kw['data']!r}; model {kw['model']!r} ({model.cfg.n_layers} layers)")
     return store, model, queries
