@@ -62,11 +62,12 @@ def estimate(result: dict, peak: float, utilisation: float) -> list[str]:
              f"{result['layers']} layers, {result['dtype']} on {result['device']}",
              "| analysis | measured cost / floor (forwards per query) | share of floor | full depth: floor | "
              "full depth: cost per query | study (82,020 queries) |", "|---|---|---|---|---|---|"]
-    total = 0.0
+    total, missing = 0.0, []
     for name in ANALYSES:
         m = result["analyses"].get(name)
         if m is None:
             lines.append(f"| {name} | not measured | | | | |")
+            missing.append(name)
             continue
         if m.get("floor_units"):
             share = m["floor_units"] / m["units"]
@@ -81,9 +82,11 @@ def estimate(result: dict, peak: float, utilisation: float) -> list[str]:
         total += cost
     study_flops = total * STUDY_QUERIES * per_query_flops
     seconds = study_flops / (peak * 1e12 * utilisation)
-    lines.append(f"| **all five** | | | | **{total:.1f}** | **{total * STUDY_QUERIES:,.0f} forwards** |")
+    label = "all five" if not missing else f"measured ones (WITHOUT {', '.join(missing)})"
+    lines.append(f"| **{label}** | | | | **{total:.1f}** | **{total * STUDY_QUERIES:,.0f} forwards** |")
     lines.append(f"one clean forward of one {width}-token query at full depth: {per_query_flops / 1e12:.3f} TFLOP; "
-                 f"study: {study_flops / 1e15:,.0f} PFLOP = **{seconds / 3600:.1f} GPU-hours** at {utilisation:.0%} "
+                 f"{'study' if not missing else 'these analyses'}: {study_flops / 1e15:,.0f} PFLOP = "
+                 f"**{seconds / 3600:.1f} GPU-hours** at {utilisation:.0%} "
                  f"of a {peak:.0f} TFLOP/s GPU (H200 bf16 dense)")
     if str(result["device"]).startswith("cuda") and result["layers"] == full.cfg.n_layers:
         measured = result["forward_tflops"]

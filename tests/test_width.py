@@ -228,7 +228,7 @@ def test_layerwise_backpatch_equals_the_reference(tmp_path, arch):
     from _hopping import tiny_queries
 
     from mhop_lens.analyses import backpatch as bp
-    from mhop_lens.analyses.partial_forward import clean_run
+    from mhop_lens.analyses.partial_forward import check_fast_path, clean_run
     from mhop_lens.models import load_model
     from mhop_lens.tiny_models import save_tiny_model
     from mhop_lens.tokens import encode
@@ -236,6 +236,7 @@ def test_layerwise_backpatch_equals_the_reference(tmp_path, arch):
     model = load_model(str(save_tiny_model(tmp_path / arch, arch, n_layers=4, seed=2)), device="cpu")
     qs = tiny_queries()
     enc = encode(model, [q.prompt for q in qs])
+    assert check_fast_path(model, enc), "the KV-reusing path does not hold (transformers 5.24: issue 14)"
     clean = clean_run(model, enc)
     n = len(qs)
     rows = torch.arange(n).repeat(2)
