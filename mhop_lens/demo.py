@@ -37,9 +37,10 @@ class DemoSize:
     n_per_subset: int = 100  # correct and incorrect queries each, for the per-query analyses
     gar_per_task: int = 8  # GAR examples (cls: counter-pairs) per task
     gar_random_sets: int = 3  # random head sets of the intervention control
+    gar_null_sets: int = 100  # random (and as many layer-matched) 4-head sets of the null distribution
 
 
-QUICK = DemoSize(n_eval=40, n_per_subset=6, gar_per_task=2, gar_random_sets=1)
+QUICK = DemoSize(n_eval=40, n_per_subset=6, gar_per_task=2, gar_random_sets=1, gar_null_sets=20)
 
 
 @dataclass
@@ -256,7 +257,7 @@ def _gar(store: RunStore, state: dict, gar_model: str, size: DemoSize, seed: int
     try:
         from mhop_lens.analyses import metrics
         from mhop_lens.analyses.edge_attribution import aggregate_edges, attribute_edges
-        from mhop_lens.analyses.head_interventions import intervene
+        from mhop_lens.analyses.head_interventions import intervene, null_sets, truth_interventions
         from mhop_lens.analyses.heads import counter_pairs, find_heads
         from mhop_lens.gar.evaluate import evaluate as gar_evaluate
         from mhop_lens.organism_gar.world import build_world, examples
@@ -280,8 +281,17 @@ def _gar(store: RunStore, state: dict, gar_model: str, size: DemoSize, seed: int
     heads = list(zip(top["layer"], top["head"], strict=True))
     store.write("interventions", intervene(model, cls, heads, kind="zero", n_random=size.gar_random_sets,
                                                 seed=seed))
+    null, summary = null_sets(model, cls, heads, max_exhaustive=0, n_random=size.gar_null_sets, seed=seed)
+    store.write("null_sets", null)
+    store.write_json("null.json", summary)
+    pooled = scores[scores["group"] == "all"]
+    typed = {c: [(int(a), int(b)) for a, b in pooled.loc[pooled["head_class"] == c, ["layer", "head"]].to_numpy()]
+             for c in ("True", "False")}
+    table, _ = truth_interventions(model, cls, typed["True"], typed["False"], n_random=size.gar_random_sets, seed=seed)
+    store.write("truth_interventions", table)
     state["gar"] = (model, cls[0].prompt, heads)
-    return f"{len(exs)} GAR examples; top heads {', '.join(f'L{l}H{h}' for l, h in heads)}"
+    return (f"{len(exs)} GAR examples; top heads {', '.join(f'L{l}H{h}' for l, h in heads)}; "
+            f"True heads {typed['True'] or 'none'}, False heads {typed['False'] or 'none'}")
 
 
 def _attention(store: RunStore, state: dict) -> str:

@@ -231,7 +231,38 @@ def gar_lines(run: Path) -> list[str]:
                 "= random head sets of the same size, mean over sets): " + " -> ".join(
                     f"{c} {share(s[c], n_cls) if n_cls else _num(s[c])}" for c in ("before", "target", "random")
                     if c in s)]
+    out += _truth_lines(run, gar)
     return out + [""]
+
+
+def _truth_lines(run: Path, gar: pd.DataFrame) -> list[str]:
+    """Head classes, the top set's place in the null distribution, and the GAR paper's intervention (label-
+    conditioned) beside the label-free ones: the tables ``heads find`` writes too."""
+    out = []
+    scores = _table(run / "head_scores.parquet")
+    if scores is not None and "head_class" in scores.columns:
+        pooled = scores[scores["group"] == "all"] if "group" in scores.columns else scores
+        typed = pooled[pooled["head_class"].isin(["True", "False", "mixed"])]
+        out += ["", "Head classes (what a head writes to logit(Yes) - logit(No) on true / false rows, and a held-out "
+                "probe of its output for truth; rule in docs/heads.md): " + (", ".join(
+                    f"L{int(r.layer)}H{int(r.head)} {r.head_class} ({r.direct_true:+.2f} / {r.direct_false:+.2f}, "
+                    f"probe {r.probe_acc:.2f})" for r in typed.itertuples()) or "no head typed (all 'other')")]
+    null_path = run / "null.json"
+    if null_path.is_file():
+        s = json.loads(null_path.read_text())
+        out += ["", f"Null distribution: zeroing the top set takes Yes/No accuracy {_num(s['accuracy_before'])} -> "
+                f"{_num(s['chosen_accuracy'])}; share of {s['n_sets']} random sets of the same size that hurt as "
+                f"much or more (percentile) {_num(s['percentile'])}, {_num(s['percentile_layer_matched'])} of "
+                f"{s['n_layer_matched']} layer-matched sets (small = the chosen heads are special)."]
+    table = _table(run / "truth_interventions.parquet")
+    if table is not None and len(table):
+        out += ["", "Interventions on the True/False heads (label = the GAR paper's: gold Yes strengthens True heads "
+                "and masks False heads, gold No the reverse; amplify and verdict need no label):", "",
+                "| variant | rows | n | accuracy before | accuracy after | fixed | broken | net |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r.variant} | {r.rows} | {r.n} | {share(r.accuracy_before, r.n)} | {share(r.accuracy_after, r.n)} "
+                f"| {r.fixed} | {r.broken} | {r.net:+d} |" for r in table.itertuples()]
+    return out
 
 
 def write_report(result, store: RunStore) -> Path:

@@ -193,6 +193,11 @@ def test_one_metric_form_and_the_old_one(tiny_models):
                                          metric=ap.logit_diff)
     assert (default["metric"] - shared["metric"]).abs().max() < 1e-6
     assert (default["metric"] - old["metric"]).abs().max() < 1e-6
+    good, bad = ap.first_token_ids(model, answers[0]), ap.first_token_ids(model, answers[1])
+    rows = torch.arange(len(clean))
+    tl = ap.run_activation_patching(model, clean, corrupt, "z", answers=answers, progress=False, batch_size=1,
+                                    metric=lambda logits: logits[rows, -1, good] - logits[rows, -1, bad])
+    assert (default["metric"] - tl["metric"]).abs().max() < 1e-6  # TransformerLens's metric(logits) form
     seen = []
     ap.run_activation_patching(model, clean, corrupt, "z", answers=answers, progress=False, batch_size=1,
                                metric=lambda logits, rows: seen.append(rows.tolist()) or logits[:, 0])

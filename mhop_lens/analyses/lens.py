@@ -26,7 +26,10 @@ from mhop_lens.errors import DataError
 from mhop_lens.forward import run_with_cache
 from mhop_lens.tokens import encode
 
-SITES = {"resid": lambda layer: hooks.resid(layer, "post"), "attn_out": hooks.attn_out, "mlp_out": hooks.mlp_out}
+#: Sites read by the lens; ``resid_post`` (TransformerLens's act name) and ``resid`` are the same residual stream.
+SITES = {"resid": lambda layer: hooks.resid(layer, "post"), "resid_post": lambda layer: hooks.resid(layer, "post"),
+         "attn_out": hooks.attn_out, "mlp_out": hooks.mlp_out}
+RESID = ("resid", "resid_post")
 CORRECT_RULE = "greedy first token == first token of e3"
 #: ``translator(layer, h) -> h'`` applied to the residual before the readout (a tuned lens, see ``tuned_lens``).
 Translator = Callable[[int, Float[Tensor, "... d_model"]], Float[Tensor, "... d_model"]]
@@ -115,7 +118,7 @@ def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Posi
                 "qid": np.repeat([q.id for q in queries], n_layers),
                 "layer": np.tile(np.arange(n_layers), len(queries)),
                 "site": site,
-                "lens": "logit" if translator is None or site != "resid" else "tuned",
+                "lens": "logit" if translator is None or site not in RESID else "tuned",
                 "position": S.label(pos_name),
                 "token_index": np.repeat(S.unpadded(enc, pos).numpy(), n_layers),
                 "token": np.repeat(decode_ids(model, enc.tokens[rows.cpu(), pos.cpu()]), n_layers),
@@ -136,7 +139,7 @@ def _read(x: Float[Tensor, "batch d_model"], layer: int, site: str, translator: 
           ) -> Float[Tensor, "batch d_model"]:
     """The vector the readout sees: the residual through ``translator`` when one is given (translators are fitted
     to the residual stream, so attention / MLP outputs are always read as they are)."""
-    return x if translator is None or site != "resid" else translator(layer, x)
+    return x if translator is None or site not in RESID else translator(layer, x)
 
 
 def run_lens(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.PositionSpec] = ("last",),

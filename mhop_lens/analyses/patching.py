@@ -324,20 +324,31 @@ def patching_reference(model, clean: CleanRun, corrupt: CleanRun, sites: str, la
 
 
 # the sweep ----------------------------------------------------------------------------------------------------
-def _as_metric(metric, good_ids: Int[Tensor, " n"], bad_ids: Int[Tensor, " n"]) -> Metric:
-    """``metric`` in the ``metrics.Metric`` form (None: the clean-vs-corrupted answer logit difference)."""
+def _as_metric(metric, good_ids: Int[Tensor, " n"], bad_ids: Int[Tensor, " n"]) -> tuple[Metric, bool]:
+    """``metric`` in the ``metrics.Metric`` form (None: the clean-vs-corrupted answer logit difference), and
+    whether it must see every pair in one batch.
+
+    A one-argument ``metric(logits)`` is TransformerLens's form: it gets ``[pairs, 1, vocab]`` logits (the read
+    position) of every pair in order, once per site, and returns one value per pair (the sweep then runs all pairs
+    as one batch). The three-argument form of earlier releases is deprecated."""
     if metric is None:
-        return LogitDiff(good_ids[:, None], bad_ids[:, None])
+        return LogitDiff(good_ids[:, None], bad_ids[:, None]), False
     try:
-        old = len(inspect.signature(metric).parameters) == 3
+        n_args = len(inspect.signature(metric).parameters)
     except (TypeError, ValueError):
-        old = False
-    if not old:
-        return metric
+        n_args = 2
+    if n_args == 1:
+        def per_site(logits: Float[Tensor, "m vocab"], rows: Int[Tensor, " m"]) -> Float[Tensor, " m"]:
+            n = int(rows.unique().numel())  # rows = the pairs, repeated once per site
+            return torch.cat([torch.as_tensor(metric(chunk[:, None])).reshape(n) for chunk in logits.split(n)])
+
+        return per_site, True
+    if n_args != 3:
+        return metric, False
     warnings.warn("metric(logits, clean_ids, corrupt_ids) is deprecated: pass metric(last_logits, rows) "
                   "(mhop_lens.analyses.metrics.Metric), the form attribution and heads take.", DeprecationWarning,
                   stacklevel=3)
-    return lambda logits, rows: metric(logits, good_ids[rows.cpu()], bad_ids[rows.cpu()])
+    return (lambda logits, rows: metric(logits, good_ids[rows.cpu()], bad_ids[rows.cpu()])), False
 
 
 def run_activation_patching(
@@ -358,8 +369,9 @@ def run_activation_patching(
     module doc; ``k`` / ``v`` index key/value heads on grouped-query models). ``metric``: the one metric form of
     patching, attribution and heads, ``metric(last_logits, rows)`` (``metrics.Metric``: logits at each row's last
     token and the rows' indices among the pairs, one value per row); default ``metrics.LogitDiff`` of the clean
-    answer against the corrupted answer. A three-argument ``metric(logits, clean_ids, corrupt_ids)`` (the old
-    form) still works, with a deprecation warning.
+    answer against the corrupted answer. TransformerLens's ``metric(logits)`` works too (logits ``[pairs, 1,
+    vocab]`` of every pair, one call per site); the old ``metric(logits, clean_ids, corrupt_ids)`` with a deprecation
+    warning.
     ``clean`` / ``corrupted`` are queries (answers: first token of each e3) or prompts with ``answers`` =
     (clean answers, corrupted answers). Columns: pair, qid, corrupt_qid, site, layer, position|head, metric,
     clean_metric, corrupt_metric, recovered ((metric - corrupt) / (clean - corrupt)). ``frame.attrs["path"]``
@@ -382,7 +394,9 @@ def run_activation_patching(
         ids = ([str(i) for i in range(len(clean))], [str(i) for i in range(len(clean))])
     good_ids = first_token_ids(model, texts[0])
     bad_ids = first_token_ids(model, texts[1])
-    metric = _as_metric(metric, good_ids, bad_ids)
+    metric, all_at_once = _as_metric(metric, good_ids, bad_ids)
+    if all_at_once:  # a TransformerLens-style metric(logits) indexes every pair at once
+        batch_size = max(batch_size, len(prompts[0]))
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     frames, path = [], "reference"
     for a in tqdm(range(0, len(prompts[0]), batch_size), desc=f"patch {sites}", unit="batch", disable=not progress):
