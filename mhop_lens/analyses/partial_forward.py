@@ -19,6 +19,7 @@ transformers' internals goes through ``hf_compat``.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -447,14 +448,16 @@ REFERENCE_NOTE = "using the full-forward reference instead (slower, same results
 
 
 def warn_once(model, what: str, cause: str, instead: str = REFERENCE_NOTE) -> None:
-    """One warning per model, analysis and cause: which path turned itself off, on which architecture, why."""
+    """One warning per model, analysis and cause (numbers aside): which path turned itself off, on which
+    architecture, why."""
     said = getattr(model, "_mhop_fast_warned", None)
     if not isinstance(said, set):
         said = set()
         model._mhop_fast_warned = said
-    if (what, cause) in said:
+    key = (what, re.sub(r"\d[\d.e+-]*", "#", cause))  # the same cause at another width or size says nothing new
+    if key in said:
         return
-    said.add((what, cause))
+    said.add(key)
     warnings.warn(f"{what} is off for this {architecture(model)} model ({cause}); {instead}.", stacklevel=3)
 
 
