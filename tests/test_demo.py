@@ -31,8 +31,10 @@ def test_demo_on_the_organism(organism, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert f"{100 * summary['accuracy']['two_hop']:.1f}%" in report  # headline numbers come from the tables
     figs = out / "figures"
+    assert (figs / "plotly.min.js").stat().st_size > 1_000_000  # one shared copy of plotly.js beside the pages
     for name in ("backpatch", "decoding_heatmap", "earliest_layers", "lens_last", "knockout", "stages"):
-        assert (figs / f"{name}.html").stat().st_size > 1_000_000
+        page = (figs / f"{name}.html").read_text()
+        assert 'src="plotly.min.js"' in page and "Plotly.newPlot" in page  # loads the local copy, no network
         if export.find_browser():
             assert (figs / f"{name}.png").stat().st_size > 10_000
     assert (figs / "attention_two_hop.html").is_file()

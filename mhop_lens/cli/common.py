@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from mhop_lens.cli.options import POSITIVE, check_device_option
+from mhop_lens.cli.options import BATCH_SIZE, POSITIVE, check_device_option
 from mhop_lens.errors import MhopLensError
 
 
@@ -27,7 +27,7 @@ def run_options(f: Callable) -> Callable:
         click.option("--shard", default=None, metavar="I/N",
                      help="Process shard I of N (disjoint query subsets; combine with `mhop-lens merge`)."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", default="32", show_default=True, metavar="N|auto|auto:CAP",
+        click.option("--batch-size", type=BATCH_SIZE, default="32", show_default=True,
                      help="Queries per batch, or 'auto' to size batches from the free memory (GPU or CPU RAM), "
                           "at most CAP (default 256)."),
         click.option("--device", default=None, callback=check_device_option,

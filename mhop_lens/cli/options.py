@@ -18,6 +18,29 @@ from mhop_lens.errors import MhopLensError
 POSITIVE = click.IntRange(min=1)
 
 
+class BatchSize(click.ParamType):
+    """--batch-size: a count of at least 1 (returned as an int), or ``auto`` / ``auto:CAP`` (returned as given; sized
+    from the free memory by ``budget.resolve_batch_size`` once the model is loaded)."""
+
+    name = "N|auto|auto:CAP"
+
+    def convert(self, value, param, ctx):
+        from mhop_lens.budget import check_batch_size
+        from mhop_lens.errors import DataError
+
+        text = str(value).strip().lower()
+        if text.lstrip("-").isdigit():
+            return POSITIVE.convert(int(text), param, ctx)
+        try:
+            check_batch_size(text)
+        except DataError as e:
+            self.fail(str(e), param, ctx)
+        return text
+
+
+BATCH_SIZE = BatchSize()
+
+
 def check_device_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Click callback of --device: an unknown device or a GPU this machine lacks fails before anything runs."""
     from mhop_lens.errors import ModelLoadError
