@@ -36,14 +36,17 @@ def head_table(frame: pd.DataFrame, value: str | None = None) -> tuple[pd.DataFr
     return frame.groupby(["layer", "head"], as_index=False)[value].mean(), value
 
 
-def fig_head_heatmap(frame: pd.DataFrame, value: str | None = None, title: str | None = None) -> go.Figure:
-    """Layer x head heat map of a signed head score (diverging, centred at 0); the top 5 by |score| labelled."""
+def fig_head_heatmap(frame: pd.DataFrame, value: str | None = None, title: str | None = None,
+                     label: pd.DataFrame | None = None, k: int = 4) -> go.Figure:
+    """Layer x head heat map of a signed head score (diverging, centred at 0). Labelled: the heads of ``label``
+    (e.g. the run's ``top_heads`` table, so the figure names the heads the report names), else the top ``k`` by
+    |score|."""
     table, value = head_table(frame, value)
     n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
     z = np.full((n_layers, n_heads), np.nan)
     z[table["layer"].to_numpy(int), table["head"].to_numpy(int)] = table[value].to_numpy(float)
     bound = float(np.nanmax(np.abs(z))) or 1.0
-    top = table.reindex(table[value].abs().sort_values(ascending=False).index).head(5)
+    top = label if label is not None else table.reindex(table[value].abs().sort_values(ascending=False).index).head(k)
     text = np.full(z.shape, "", dtype=object)
     for layer, head in zip(top["layer"], top["head"], strict=True):
         text[int(layer), int(head)] = f"L{int(layer)}H{int(head)}"

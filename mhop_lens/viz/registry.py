@@ -83,7 +83,8 @@ def _stages(t: Tables) -> go.Figure:
 def _head_heatmap(t: Tables) -> go.Figure:
     from mhop_lens.viz.heads import fig_head_heatmap
 
-    return fig_head_heatmap(t["head_scores"] if "head_scores" in t else t["attribution"])
+    return fig_head_heatmap(t["head_scores"] if "head_scores" in t else t["attribution"],
+                            label=t["top_heads"] if "top_heads" in t else None)
 
 
 def _circuit(t: Tables) -> go.Figure:
@@ -112,7 +113,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("lens_t1", ("lens",), _lens_t1),
     FigureSpec("knockout", ("knockout",), _knockout),
     FigureSpec("stages", ("stages",), _stages, ()),
-    FigureSpec("attribution_heads", (("head_scores", "attribution"),), _head_heatmap, ()),
+    FigureSpec("attribution_heads", (("head_scores", "attribution"),), _head_heatmap, ("top_heads",)),
     FigureSpec("circuit", ("head_scores",), _circuit, ("top_heads", "edge_scores")),
     FigureSpec("head_interventions", ("interventions",), _interventions, ()),
     FigureSpec("gar_accuracy", ("scores",), _gar, ()),
