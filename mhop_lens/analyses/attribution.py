@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
+from einops import rearrange, reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -439,7 +440,7 @@ def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor,
                 model.blocks[layer](*args, **kwargs)
             except _StopBlock:
                 pass
-        out.append(store["z"].view(w.shape[0], b, *store["z"].shape[1:]))
+        out.append(rearrange(store["z"], "(w b) ... -> w b ...", w=w.shape[0]))
     return torch.cat(out)
 
 
@@ -557,7 +558,6 @@ def _ig_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Ten
     corrupt_acts, m_corrupt = _clean_cache(model, corrupt, named, counter, metric, rows)
     alphas = (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps
     tokens = corrupt.repeat(ig_steps)
-    b = corrupt.tokens.shape[0]
     scores = {}
     for site, layer, name in named:
         key = (site, layer)
@@ -567,7 +567,7 @@ def _ig_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Ten
             logits = run(model, tokens, fwd + counting_hooks(counter))
             m = metric(end_logits(logits, corrupt, ig_steps), rows.repeat(ig_steps))
             (g,) = torch.autograd.grad(m.sum(), [store[key]])
-        mean_grad = g.view(ig_steps, b, *g.shape[1:]).mean(0)
+        mean_grad = reduce(g, "(step b) ... -> b ...", "mean", step=ig_steps)
         scores[key] = _node_scores(site, clean_acts[key] - corrupt_acts[key], mean_grad)
     model.zero_grad(set_to_none=True)
     return scores, m_clean, m_corrupt
@@ -631,7 +631,7 @@ def exact_patching(
                 by_site.setdefault((s, l), []).append((g, h))
             fwd = [(name_of[k], _patch_hook(k[0], v, clean_acts[k], b, alpha)) for k, v in by_site.items()]
             logits = logits_at(model, corrupt.repeat(len(group)), fwd + counting_hooks(counter))
-            m = metric(logits, rows.repeat(len(group))).view(len(group), b)
+            m = rearrange(metric(logits, rows.repeat(len(group))), "(node b) -> node b", b=b)
             for g, (s, l, h) in enumerate(group):
                 col = effects.setdefault((s, l), torch.zeros(b, 1, model.cfg.n_heads if s == "z" else 1))
                 col[:, 0, max(h, 0)] = (m[g] - m_corrupt).cpu()

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -129,7 +130,7 @@ def backpatch_logits(
             resid = clean.streams[t + 1][rows[e].to(device), start:].clone()
             resid[torch.arange(len(e)), (pos[e] - start).to(device)] = clean.streams[s + 1, donor[e], donor_pos[e]]
             got[a : a + step] = _finish(model, resid, t, clean, rows[e], start, calls)
-        out[idx] = got.view(len(idx), m, -1)
+        out[idx] = rearrange(got, "(pair m) vocab -> pair m vocab", m=m)
     return out
 
 

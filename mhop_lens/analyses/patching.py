@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -86,7 +87,7 @@ def site_acts(run: CleanRun, site: str, layer: int) -> Float[Tensor, "batch pos 
     """A head site's cached activation with positions on axis 1 and heads on axis 2 (the pattern's query
     positions; its key axis stays last)."""
     act = run.acts[hooks.head(layer, site)]
-    return act.transpose(1, 2) if site == "pattern" else act
+    return rearrange(act, "b head query key -> b query head key") if site == "pattern" else act
 
 
 def logit_diff(logits: Float[Tensor, "n vocab"], clean_ids: Int[Tensor, " n"], corrupt_ids: Int[Tensor, " n"]

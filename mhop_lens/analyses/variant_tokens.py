@@ -15,6 +15,7 @@ positions or a position bias (ALiBi) in a form this does not recognise.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import DynamicCache
@@ -104,8 +105,9 @@ def variant_path_cause(model, variants: Float[Tensor, "n k d_model"], start: int
                            BlockArgs(model, variant_args))  # a fresh capture: the check must not trust kept ones
         rows = torch.arange(n, device=variants.device).repeat(k)
         tiled = [(key_.index_select(0, rows), value.index_select(0, rows)) for key_, value in layers]
-        want = run_from(model, variants.transpose(0, 1).reshape(n * k, 1, -1), start, attention_mask[rows],
-                        cache_of(tiled))[:, -1].view(k, n, -1).transpose(0, 1)
+        want = run_from(model, rearrange(variants, "n k d -> (k n) 1 d"), start, attention_mask[rows],
+                        cache_of(tiled))[:, -1]
+        want = rearrange(want, "(k n) vocab -> n k vocab", k=k)
         diff = float((got.float() - want.float()).abs().max())
         same = same_computation(got, want)
         cause = None if same else f"variant tokens differ from one row per variant by {diff:.3g}"
