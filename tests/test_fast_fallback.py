@@ -13,6 +13,7 @@ from mhop_lens.analyses import backpatch as bp
 from mhop_lens.analyses import hf_compat
 from mhop_lens.analyses import partial_forward as pf
 from mhop_lens.analyses import patching as ap
+from mhop_lens.model_state import model_state
 from mhop_lens.tokens import encode
 
 CLEAN = ["The capital of the country of Kyoto is", "The capital of the country of Paris is"]
@@ -24,8 +25,8 @@ ANSWERS = ([" Kyoto", " Paris"], [" Paris", " Kyoto"])
 def model(tiny_models, monkeypatch):
     """The tiny GPT-2 with its verdicts and warnings cleared for this test (restored afterwards)."""
     m = tiny_models["gpt2"]
-    for name in ("_mhop_fast_path_ok", "_mhop_prefix_share_ok", "_mhop_variant_path_ok", "_mhop_fast_warned"):
-        monkeypatch.setattr(m, name, None, raising=False)
+    for name, empty in (("fast_path", {}), ("prefix_share", {}), ("variant_path", {}), ("warned", set())):
+        monkeypatch.setitem(model_state(m), name, empty)
     return m
 
 
@@ -67,7 +68,7 @@ def test_failing_shared_prefix_run_gives_the_plain_run(model, monkeypatch):
     got = pf.clean_run(model, enc)
     assert (got.last_logits - plain.last_logits).abs().max() < 1e-4
     assert (got.streams - plain.streams).abs().max() < 1e-4
-    assert model._mhop_prefix_share_ok[pf.condition(model, enc)] is False
+    assert model_state(model)["prefix_share"][pf.condition(model, enc)] is False
 
 
 def test_empty_cache_is_a_named_cause():
@@ -105,7 +106,7 @@ def test_user_hook_error_is_not_the_fast_paths_fault(model):
             ap.run_activation_patching(model, CLEAN, CORRUPT, "resid", answers=ANSWERS, progress=False)
     finally:
         handle.remove()
-    assert not model._mhop_fast_path_ok  # nothing recorded against the fast path
+    assert not model_state(model).get("fast_path")  # nothing recorded against the fast path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frame = ap.run_activation_patching(model, CLEAN, CORRUPT, "resid", answers=ANSWERS, progress=False)
@@ -129,4 +130,4 @@ def test_verdict_is_per_condition(model, monkeypatch):
     said = _said(caught)
     assert frame.attrs["path"] == "reference" and len(said) == 1 and "sliding" in said[0], said
     assert torch.allclose(torch.tensor(frame["metric"].to_numpy()), torch.tensor(ref["metric"].to_numpy()))
-    assert len(model._mhop_fast_path_ok) >= 2  # one verdict per condition
+    assert len(model_state(model)["fast_path"]) >= 2  # one verdict per condition

@@ -7,6 +7,7 @@ import torch
 
 from mhop_lens.analyses.partial_forward import BlockArgs, check_fast_path, clean_run, prefix_cache, run_from
 from mhop_lens.forward import run
+from mhop_lens.model_state import model_state
 from mhop_lens.tokens import encode
 
 PROMPTS = ["The spouse of the performer of Imagine is", "The author of Hamlet is", "Paris"]
@@ -86,7 +87,7 @@ def test_kept_block_args_outlive_a_call(tiny_model, monkeypatch):
     captures nothing and gives the same logits; another mask (padding) is captured anew."""
     from mhop_lens.analyses import partial_forward
 
-    monkeypatch.setattr(tiny_model, "_mhop_block_args", None, raising=False)  # start from no captures
+    monkeypatch.setitem(model_state(tiny_model), "block_args", None)  # start from no captures
     captures = []
     real = partial_forward.block_call
     monkeypatch.setattr(partial_forward, "block_call", lambda *a: captures.append(1) or real(*a))

@@ -7,6 +7,7 @@ import torch
 from mhop_lens.analyses import variant_tokens as vt
 from mhop_lens.analyses.backpatch import backpatch_logits, backpatch_reference_logits
 from mhop_lens.analyses.partial_forward import clean_run, prefix_cache, run_from
+from mhop_lens.model_state import model_state
 from mhop_lens.tokens import encode
 
 PROMPTS = ["The spouse of the performer of Imagine is", "The author of Hamlet is", "Paris"]
@@ -45,7 +46,7 @@ def test_variants_that_see_each_other_fail_the_check_and_backpatch_falls_back(ti
         return real(one, many, k, prefix)
 
     monkeypatch.setattr(vt, "_fold", causal_only)
-    monkeypatch.setattr(model, "_mhop_variant_path_ok", None, raising=False)
+    monkeypatch.setitem(model_state(model), "variant_path", {})
     enc, clean, last, variants = _inputs(model)
     rows = torch.arange(len(PROMPTS))
     assert not vt.check_variant_path(model, variants, 1, enc.attention_mask, prefix_cache(clean.kv, rows, last, 1))

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from mhop_lens.model_state import model_state
+
 try:  # the base class of every cache in transformers >= 4.36
     from transformers import Cache
 except ImportError:  # pragma: no cover - guarded for older / newer layouts
@@ -84,12 +86,13 @@ def ensure_cache_plumbing(model) -> None:
     TransformerLens 4.3's attention bridges update a cache only when it arrives as ``past_key_values`` or
     ``layer_past``; transformers 5.24 blocks pass ``cache=``. A pre-hook copies it across (idempotent, installed
     once per model; a no-op where the name already matches)."""
-    if getattr(model, "_mhop_cache_plumbing", False):
+    state = model_state(model)
+    if state.get("cache_plumbing"):
         return
     for module in model.modules():
         if hasattr(module, "_update_kv_cache"):
             module.register_forward_pre_hook(_cache_prehook, with_kwargs=True)
-    model._mhop_cache_plumbing = True
+    state["cache_plumbing"] = True
 
 
 def _cache_prehook(module, args, kwargs):
@@ -166,14 +169,14 @@ def logit_readout(model) -> tuple[float, float | None]:
 
     Read from the model: candidates from its config (``_readout_candidates``), the one that reproduces its forward
     on a short probe is kept on the model. Without any such field: (1.0, None), no probe."""
-    known = getattr(model, "_mhop_readout", None)
-    if known is not None:
-        return known
+    state = model_state(model)
+    if state.get("readout") is not None:
+        return state["readout"]
     candidates = _readout_candidates(model) if hf_config(model) is not None else [(1.0, None)]
     chosen = candidates[0]
     if len(candidates) > 1:
         chosen = _probe_readout(model, candidates)
-    model._mhop_readout = chosen
+    state["readout"] = chosen
     return chosen
 
 

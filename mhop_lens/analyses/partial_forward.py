@@ -44,6 +44,7 @@ from mhop_lens.analyses.hf_compat import (
     logit_readout,
     seq_length,
 )
+from mhop_lens.model_state import model_state
 from mhop_lens.tokens import Encoded
 
 __all__ = ["FastPathError", "cache_of", "kv_layers"]  # re-exported for the analyses
@@ -133,13 +134,13 @@ def clean_run(model, enc: Encoded, names: Sequence[str] = (), share_prefixes: bo
 
     With ``share_prefixes`` (and no extra ``names``), rows whose prompts differ only in the last token (the
     organism's "e1 's r1 's r2" for one (e1, r1)) run their shared prefix once; the last tokens then run over
-    that prefix's keys/values. Checked against the plain forward once per model and condition
-    (``_mhop_prefix_share_ok``); any failure of the shared run gives the plain one. Part of the fast machinery:
-    reference paths use ``reference_run``. Raises ``FastPathError`` when the model returns no usable KV cache.
+    that prefix's keys/values. Checked against the plain forward once per model and condition (``prefix_share``
+    in ``model_state``); any failure of the shared run gives the plain one. Part of the fast machinery: reference
+    paths use ``reference_run``. Raises ``FastPathError`` when the model returns no usable KV cache.
     """
     group = _prefix_groups(enc) if share_prefixes and not names else None
     if group is not None and not _exceeds_window(model, enc):
-        verdicts = _verdicts(model, "_mhop_prefix_share_ok")
+        verdicts = _verdicts(model, "prefix_share")
         key = condition(model, enc)
         if verdicts.get(key, True):
             try:
@@ -282,12 +283,11 @@ def kept_block_args(model, capture=None) -> BlockArgs:
     """The ``BlockArgs`` kept on ``model`` (one per capture function): captures outlive a sweep, so the batches
     of a run and later sweeps on the same model skip the capture forward. Captures depend only on the shapes and
     the attention mask, which every reuse checks."""
-    name = "_mhop_block_args" + ("" if capture is None else "_" + capture.__name__)
-    kept = getattr(model, name, None)
-    if kept is None:
-        kept = BlockArgs(model, capture)
-        setattr(model, name, kept)
-    return kept
+    name = "block_args" + ("" if capture is None else "_" + capture.__name__)
+    state = model_state(model)
+    if state.get(name) is None:
+        state[name] = BlockArgs(model, capture)
+    return state[name]
 
 
 def _drop_cache(value):
@@ -383,12 +383,9 @@ def condition(model, enc: Encoded) -> tuple:
 
 
 def _verdicts(model, name: str) -> dict:
-    """The dict of verdicts ``name`` kept on the model (setting the attribute to None clears it)."""
-    kept = getattr(model, name, None)
-    if not isinstance(kept, dict):
-        kept = {}
-        setattr(model, name, kept)
-    return kept
+    """The dict of verdicts ``name`` kept in ``model_state(model)`` (``fast_path``, ``prefix_share``,
+    ``variant_path``; deleting the key clears it)."""
+    return model_state(model).setdefault(name, {})
 
 
 def _exceeds_window(model, enc: Encoded) -> int | None:
@@ -405,7 +402,7 @@ def fast_path_cause(model, enc: Encoded) -> str | None:
     a clean run and a partial forward from the middle layer are compared with the full forward. Exceptions are
     causes, except when a plain full forward fails too (the model or a hook of the user's is broken, not the
     shortcut): then that error propagates and nothing is recorded."""
-    verdicts = _verdicts(model, "_mhop_fast_path_ok")
+    verdicts = _verdicts(model, "fast_path")
     key = condition(model, enc)
     if key in verdicts:
         return verdicts[key]
@@ -450,10 +447,7 @@ REFERENCE_NOTE = "using the full-forward reference instead (slower, same results
 def warn_once(model, what: str, cause: str, instead: str = REFERENCE_NOTE) -> None:
     """One warning per model, analysis and cause (numbers aside): which path turned itself off, on which
     architecture, why."""
-    said = getattr(model, "_mhop_fast_warned", None)
-    if not isinstance(said, set):
-        said = set()
-        model._mhop_fast_warned = said
+    said = model_state(model).setdefault("warned", set())
     key = (what, re.sub(r"\d[\d.e+-]*", "#", cause))  # the same cause at another width or size says nothing new
     if key in said:
         return
@@ -476,7 +470,7 @@ def dispatch(model, enc: Encoded, what: str, fast: Callable[[], T], reference: C
         except Exception as e:  # noqa: BLE001 - fall back, then decide whose fault it was
             out = reference()
             cause = describe(e)
-            _verdicts(model, "_mhop_fast_path_ok")[condition(model, enc)] = cause
+            _verdicts(model, "fast_path")[condition(model, enc)] = cause
             warn_once(model, f"{what}: the KV-reusing fast path", cause)
             return out, "reference"
     warn_once(model, f"{what}: the KV-reusing fast path", cause)

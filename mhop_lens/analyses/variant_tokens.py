@@ -94,7 +94,7 @@ def variant_path_cause(model, variants: Float[Tensor, "n k d_model"], start: int
     """None when ``run_variants`` equals one ``run_from`` row per variant on these inputs, else why not.
 
     Kept on the model per condition (k, prefix length, padding, dtype, device); any exception is a cause."""
-    verdicts = _verdicts(model, "_mhop_variant_path_ok")
+    verdicts = _verdicts(model, "variant_path")
     n, k = variants.shape[:2]
     key = (k, seq_length(cache), bool((attention_mask == 0).any()), str(variants.dtype), str(variants.device))
     if key in verdicts:
