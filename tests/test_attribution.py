@@ -170,3 +170,17 @@ def test_atp_star_refuses_per_span_scores(tiny_models):
     with pytest.raises(SpanError, match="per-span"):
         attribute(model, clean, corrupt, _metric(model, len(clean)), per_position=[{}] * len(clean),
                   method="atp-star")
+
+
+def test_resid_post_is_the_resid_site(tiny_models):
+    """``resid_post`` (TransformerLens's act name) scores the same residual-stream nodes as ``resid``."""
+    from mhop_lens.analyses.metrics import clean_vs_corrupt_answer
+
+    model = tiny_models["gpt2"]
+    clean, corrupt = ["The author of Hamlet is"], ["The author of Seattle is"]
+    if len(model.tokenizer(clean[0])["input_ids"]) != len(model.tokenizer(corrupt[0])["input_ids"]):
+        pytest.skip("prompts do not align for this tokenizer")
+    metric = clean_vs_corrupt_answer(model, [" William"], [" Bill"])
+    old = attribute(model, clean, corrupt, metric, sites=("resid",))
+    new = attribute(model, clean, corrupt, metric, sites=("resid_post",))
+    assert set(new["site"]) == {"resid_post"} and (old["atp"].to_numpy() == new["atp"].to_numpy()).all()

@@ -17,7 +17,7 @@ import pandas as pd
 
 from mhop_lens.analyses.backpatch import run_backpatch
 from mhop_lens.analyses.knockout import run_knockout
-from mhop_lens.analyses.lens import run_lens
+from mhop_lens.analyses.lens import RESID, run_lens
 from mhop_lens.data.records import KHopQuery
 from mhop_lens.errors import DataError
 
@@ -81,7 +81,7 @@ def run_khop_lens(model, queries: Sequence[KHopQuery], positions: Sequence[str] 
 def resolution_profile(lens: pd.DataFrame) -> pd.DataFrame:
     """Share of queries whose entity is the lens top-1 at its own position, per (entity, layer, correct), from the
     ``resid`` rows of ``run_khop_lens``: where in depth each hop is resolved, successes vs failures."""
-    own = lens[lens["own_position"] & (lens["site"] == "resid")]
+    own = lens[lens["own_position"] & lens["site"].isin(RESID)]
     out = (own.assign(top1=own["rank"] == 0)
            .groupby(["entity", "hop", "position", "layer", "correct"], as_index=False)
            .agg(top1_share=("top1", "mean"), n=("qid", "nunique")))

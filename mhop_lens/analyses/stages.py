@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from mhop_lens.analyses.lens import RESID
 from mhop_lens.analyses.patchscope import earliest_layers
 
 
@@ -28,7 +29,7 @@ def _earliest(frame: pd.DataFrame, mask: pd.Series, column: str = "layer") -> pd
 
 def _extraction_layer(lens: pd.DataFrame) -> pd.Series:
     """Earliest layer l with the final prediction top-1 in every layer >= l (resid lens, last position)."""
-    res = lens[(lens["site"] == "resid") & (lens["position"] == "last")].sort_values(["qid", "layer"])
+    res = lens[lens["site"].isin(RESID) & (lens["position"] == "last")].sort_values(["qid", "layer"])
 
     def first_stable(g: pd.DataFrame) -> float:
         top = (g["pred_rank"].to_numpy() == 0)[::-1]
@@ -82,7 +83,7 @@ def stage_summary(lens_frame: pd.DataFrame, patchscope_frame: pd.DataFrame,
         out["propagation_layer"], out["propagation_drop"], out["propagation_edge"] = np.nan, np.nan, None
     out["attn_e3_layer"] = _earliest(lens_frame, last & (lens_frame["site"] == "attn_out")
                                      & (lens_frame["e3_rank"] == 0))
-    out["resid_e3_layer"] = _earliest(lens_frame, last & (lens_frame["site"] == "resid")
+    out["resid_e3_layer"] = _earliest(lens_frame, last & lens_frame["site"].isin(RESID)
                                       & (lens_frame["e3_rank"] == 0))
     out["extraction_layer"] = _extraction_layer(lens_frame)
     return out.reset_index()
