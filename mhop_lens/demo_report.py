@@ -250,11 +250,15 @@ def _truth_lines(run: Path, gar: pd.DataFrame) -> list[str]:
     null_path = run / "null.json"
     if null_path.is_file():
         s = json.loads(null_path.read_text())
-        out += ["", f"Null distribution: zeroing the top set takes Yes/No accuracy {_num(s['accuracy_before'])} -> "
-                f"{_num(s['chosen_accuracy'])}; share of {s['n_sets']} random sets of the same size that hurt as "
-                f"much or more (percentile) {_num(s['percentile'])}, {_num(s['percentile_layer_matched'])} of "
+        out += ["", f"Null distribution: zeroing the top set takes Yes/No accuracy {s['accuracy_before']:.3f} -> "
+                f"{s['chosen_accuracy']:.3f}; share of {s['n_sets']} random sets of the same size that hurt as "
+                f"much or more (percentile) {s['percentile']:.3f}, {s['percentile_layer_matched']:.3f} of "
                 f"{s['n_layer_matched']} layer-matched sets (small = the chosen heads are special)."]
     table = _table(run / "truth_interventions.parquet")
+    typed = set() if scores is None or "head_class" not in scores.columns else set(scores["head_class"])
+    if table is not None and len(table) and not typed & {"True", "False"}:
+        out += ["", "No head was typed True or False on this sample, so the interventions below edit nothing here; "
+                "docs/heads.md has the 400-pair run (L3H2 True, L3H1 False)."]
     if table is not None and len(table):
         out += ["", "Interventions on the True/False heads (label = the GAR paper's: gold Yes strengthens True heads "
                 "and masks False heads, gold No the reverse; amplify and verdict need no label):", "",
