@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import mhop_lens
+from mhop_lens.cli.khop import organism_khop as organism_khop_cli
 from mhop_lens.cli.organisms import organism as organism_cli
 from mhop_lens.cli.organisms import organism_gar as organism_gar_cli
 from mhop_lens.organism.train import TrainConfig, train
@@ -41,7 +42,8 @@ def _craft(directory: Path, name: str = "checkpoint.pt") -> Path:
     return marker
 
 
-@pytest.mark.parametrize("cli", [organism_cli, organism_gar_cli], ids=["organism", "organism-gar"])
+@pytest.mark.parametrize("cli", [organism_cli, organism_gar_cli, organism_khop_cli],
+                         ids=["organism", "organism-gar", "organism-khop"])
 def test_crafted_checkpoint_pt_does_not_execute(cli, tmp_path):
     marker = _craft(tmp_path / "out")
     result = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "out"), "--resume", "--steps", "1"])
@@ -60,7 +62,7 @@ def test_crafted_safetensors_checkpoint_is_refused(tmp_path):
 
 def test_no_pickle_loads_in_the_training_code():
     root = Path(mhop_lens.__file__).parent
-    for path in [root / "training.py", root / "organism" / "train.py", root / "organism_gar" / "train.py"]:
+    for path in [root / "training.py", *root.glob("organism*/train.py")]:
         text = path.read_text()
         assert "torch.load(" not in text and "import pickle" not in text and "pickle.load" not in text, path
 

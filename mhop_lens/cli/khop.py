@@ -22,6 +22,6 @@ organism_khop = organism_group(
     "organism-khop", "mhop_lens.organism_khop",
     "The three-hop model organism: a small GPT-2 trained on depth-3 chains of made-up facts.",
     "Generate the k-hop world and train the three-hop organism into OUT (config, weights, tokenizer, world.json, "
-    "metrics.json, and checkpoint.pt with the optimizer state for --resume).",
+    "metrics.json, and checkpoint.safetensors with the optimizer state for --resume).",
     _print_khop,
 )

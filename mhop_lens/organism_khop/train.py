@@ -4,8 +4,8 @@ relation token (r1 -> e2, r2 -> e3, ..., rk -> e_{k+1}).
 By causal masking the loss at r_i is exactly the loss of the chain's depth-i prefix, so one-hop facts and all
 shorter chains are trained through the prefixes of the trained depth-k chains at no extra compute. The model, the
 tokenizer and the lr schedule are the two-hop organism's (``mhop_lens.organism.train``, ``mhop_lens.training``).
-Deterministic for a seed and step count (one thread); DIR/checkpoint.pt holds model, optimizer, scheduler, sampler
-RNG and curve, so an interrupted run resumes where it stopped.
+Deterministic for a seed and step count (one thread); DIR/checkpoint.safetensors holds model, optimizer,
+scheduler, sampler RNG and curve, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mhop_lens.organism.train import build_model, build_tokenizer
 from mhop_lens.organism_khop.world import KHopWorld
-from mhop_lens.training import sha256, warmup_cosine
+from mhop_lens.training import CHECKPOINT, check_seed, load_state, prepare_output, save_state, sha256, warmup_cosine
 
-CHECKPOINT = "checkpoint.pt"
 DEPTH_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
@@ -137,18 +136,23 @@ def _batch(train: ChainSplit, cfg: TrainConfig, gen: torch.Generator) -> ChainSp
     return train.rows(torch.randint(len(train.ids), (cfg.batch_size,), generator=gen))
 
 
-def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str | None = None) -> dict:
-    """Train into ``out``: config.json, model.safetensors, tokenizer, world.json, metrics.json, checkpoint.pt.
+def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str | None = None,
+          overwrite: bool = False) -> dict:
+    """Train into ``out``: config.json, model.safetensors, tokenizer, world.json, metrics.json,
+    checkpoint.safetensors (``training.save_state``: tensors + JSON, nothing that can run code when read).
 
-    ``cfg.seconds`` caps this session's wall-clock time (the run stops early and says so; --resume continues).
+    ``cfg.seconds`` caps this session's wall-clock time (the run stops early and says so; --resume continues with
+    the same seed); a directory that already holds a trained model is only replaced with ``overwrite=True``.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
-    state = torch.load(ckpt_path, weights_only=False) if resume and ckpt_path.exists() else None
+    resume_from = prepare_output(out, resume, overwrite)
+    state = load_state(resume_from) if resume_from is not None else None
     if state is not None:
+        check_seed(state["config"], cfg.seed, ckpt_path)
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
         cfg = TrainConfig(**{**saved, "seconds": cfg.seconds, "steps": cfg.steps})
         world = KHopWorld.load(out / "world.json")
@@ -180,9 +184,10 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         return cpu_elapsed + time.process_time() - cpu_start
 
     def checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "step": step, "seconds": seconds(), "cpu_seconds": cpu_seconds(),
-                    "curve": curve, "config": asdict(cfg)}, ckpt_path)
+        save_state(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step,
+                               "seconds": seconds(), "cpu_seconds": cpu_seconds(), "curve": curve,
+                               "config": asdict(cfg)})
 
     stopped_early = False
     bar = tqdm(total=cfg.steps, initial=step, desc="organism-khop", unit="step")
