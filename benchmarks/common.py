@@ -37,14 +37,14 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory(fn: Callable[[], object]) -> tuple[object, int]:
-    """Result of ``fn()`` and the peak growth of the resident set (bytes) while it ran."""
-    start, peak, done = _rss(), [0], threading.Event()
+def sample_peak(fn: Callable[[], object], read: Callable[[], int], every: float = 0.002) -> tuple[object, int, int]:
+    """Result of ``fn()``, the largest value of ``read()`` (bytes) while it ran, and ``read()`` at the start."""
+    start, peak, done = read(), [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss() - start)
-            time.sleep(0.002)
+            peak[0] = max(peak[0], read())
+            time.sleep(every)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -53,7 +53,13 @@ def peak_memory(fn: Callable[[], object]) -> tuple[object, int]:
     finally:
         done.set()
         thread.join()
-    return result, max(peak[0], _rss() - start)
+    return result, max(peak[0], read()), start
+
+
+def peak_memory(fn: Callable[[], object]) -> tuple[object, int]:
+    """Result of ``fn()`` and the peak growth of the resident set (bytes) while it ran."""
+    result, peak, start = sample_peak(fn, _rss)
+    return result, max(0, peak - start)
 
 
 def compare(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict[str, object],

@@ -7,12 +7,10 @@ depth this machine holds tells the cost per layer; full-depth figures scale from
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import CACHE
+from common import CACHE, sample_peak
 
 #: Depths this 24 GiB, shared CPU machine holds in fp32 alongside the work (state them with every number).
 CPU_LAYERS = {"llama3-8b": 3, "llama2-7b": 4, "tiny-llama": 2}
@@ -44,21 +42,7 @@ def anon_bytes() -> int:
 
 def peak_anon(fn: Callable[[], object]) -> tuple[object, int, int]:
     """Result of ``fn()``, the anonymous-memory peak (absolute, bytes) while it ran, and the value at the start."""
-    start, peak, done = anon_bytes(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], anon_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        result = fn()
-    finally:
-        done.set()
-        thread.join()
-    return result, max(peak[0], anon_bytes()), start
+    return sample_peak(fn, anon_bytes, every=0.001)
 
 
 def weight_bytes(model) -> int:

@@ -69,6 +69,25 @@ def from_knowledge_graph(
     go to ``from_triples``.
     """
     issues = IssueCollector("knowledge graph", on_error)
+    unique = unique_objects(facts, templates, issues)
+    by_subject: dict[str, list[tuple[str, str]]] = {}
+    for (s, r), o in unique.items():
+        by_subject.setdefault(s, []).append((r, o))
+    pairs = None if relation_pairs is None else set(map(tuple, relation_pairs))
+    chains = [
+        (e1, r1, e2, r2, e3)
+        for (e1, r1), e2 in unique.items()
+        for r2, e3 in by_subject.get(e2, [])
+        if len({e1, e2, e3}) == 3 and (pairs is None or (r1, r2) in pairs)
+    ]
+    queries = issues.finish([])
+    built = from_triples(chains, templates, on_error=on_error, **kw)
+    return QueryList(built, [*queries.issues, *built.issues])
+
+
+def unique_objects(facts: Iterable, templates: Mapping[str, str], issues: IssueCollector) -> dict[tuple[str, str], str]:
+    """(subject, relation) -> its single object, from (subject, relation, object) facts. Malformed facts, relations
+    without a template and subjects with several objects for one relation (ambiguous answers) go to ``issues``."""
     objects: dict[tuple[str, str], list[str]] = {}
     for i, fact in enumerate(facts):
         fact = tuple(fact)
@@ -88,16 +107,4 @@ def from_knowledge_graph(
             unique[(s, r)] = objs[0]
         else:
             issues.add(f"{s}|{r}", f"has {len(objs)} objects {objs[:4]}: an ambiguous answer, so no chain uses it")
-    by_subject: dict[str, list[tuple[str, str]]] = {}
-    for (s, r), o in unique.items():
-        by_subject.setdefault(s, []).append((r, o))
-    pairs = None if relation_pairs is None else set(map(tuple, relation_pairs))
-    chains = [
-        (e1, r1, e2, r2, e3)
-        for (e1, r1), e2 in unique.items()
-        for r2, e3 in by_subject.get(e2, [])
-        if len({e1, e2, e3}) == 3 and (pairs is None or (r1, r2) in pairs)
-    ]
-    queries = issues.finish([])
-    built = from_triples(chains, templates, on_error=on_error, **kw)
-    return QueryList(built, [*queries.issues, *built.issues])
+    return unique

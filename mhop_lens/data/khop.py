@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mhop_lens.data.builder import unique_objects
 from mhop_lens.data.issues import IssueCollector, OnError
 from mhop_lens.data.records import KHopQuery, build_khop_query, khop_from_frame
 from mhop_lens.errors import DataError
@@ -80,23 +81,9 @@ def from_facts(
     if depth < 2:
         raise DataError(f"depth must be at least 2, not {depth}.")
     issues = IssueCollector("knowledge graph", on_error)
-    objects: dict[tuple[str, str], set[str]] = {}
-    for i, fact in enumerate(facts):
-        fact = tuple(fact)
-        if len(fact) != 3:
-            issues.add(f"fact #{i}", f"has {len(fact)} items {fact!r}; a fact is (subject, relation, object)")
-            continue
-        s, r, o = fact
-        if r not in templates:
-            issues.add(f"fact #{i}", f"relation {r!r} has no template; add templates[{r!r}] like 'the spouse of {{}}'")
-            continue
-        objects.setdefault((s, r), set()).add(o)
     by_subject: dict[str, list[tuple[str, str]]] = {}
-    for (s, r), objs in objects.items():
-        if len(objs) == 1:
-            by_subject.setdefault(s, []).append((r, next(iter(objs))))
-        else:
-            issues.add(f"{s}|{r}", f"has {len(objs)} objects: an ambiguous answer, so no chain uses it")
+    for (s, r), o in unique_objects(facts, templates, issues).items():
+        by_subject.setdefault(s, []).append((r, o))
     issues.finish([])
     chains = [(s,) for s in by_subject]
     for _ in range(depth):
