@@ -239,7 +239,7 @@ class RunStore:
         self.args = {k: jsonable(v) for k, v in args.items()}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
+            probe = self.dir / f".write-test-{os.getpid()}"  # per process: two writers must not unlink each other's
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
