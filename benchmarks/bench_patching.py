@@ -34,7 +34,7 @@ from mhop_lens.analyses.patching import changed_sites, counterfactual_pairs, pre
 from mhop_lens.models import load_model
 from mhop_lens.tokens import encode, first_token_id
 
-TL_FN = {"resid": tlp.get_act_patch_resid_pre, "heads": tlp.get_act_patch_attn_head_out_all_pos}
+TL_FN = {"resid_pre": tlp.get_act_patch_resid_pre, "z": tlp.get_act_patch_attn_head_out_all_pos}
 
 
 def same_length_pairs(model, queries, n: int):
@@ -94,7 +94,7 @@ def floor_ratios(model, pairs, sites: str, layers) -> tuple[float, float, int]:
                 n_sites += len(run)
                 skipped += int((~run).sum())
             for index in run.nonzero()[:, 0].tolist():
-                first = index if sites == "resid" else start
+                first = index if sites == "resid_pre" else start
                 floor += n * ((n_layers - layer) * block_flops(model, width - first, width) + unembed_flops(model, 1))
         floors.append(n_sites * forward_flops(model, n, width) / floor)
     return floors[0], floors[1], skipped
@@ -105,8 +105,8 @@ def bench(name, model, pairs, sites: str, repeats: int, site_subset: int | None,
 
     width = encode(model, pairs[0][0].prompt).tokens.shape[1]
     n_layers = model.cfg.n_layers
-    axis = ("layer", "pos") if sites == "resid" else ("layer", "head")
-    full = tlp.make_df_from_ranges([n_layers, width if sites == "resid" else model.cfg.n_heads], list(axis))
+    axis = ("layer", "pos") if sites == "resid_pre" else ("layer", "head")
+    full = tlp.make_df_from_ranges([n_layers, width if sites == "resid_pre" else model.cfg.n_heads], list(axis))
     layers = list(range(n_layers)) if layers is None else list(layers)
     full = full[full["layer"].isin(layers)].reset_index(drop=True)
     if len(layers) < n_layers:
@@ -129,7 +129,7 @@ def bench(name, model, pairs, sites: str, repeats: int, site_subset: int | None,
     seconds, results, memory = compare(fns, repeats)
     ours, base = results["ours (kv-partial)"], results["transformer_lens.patching"]
     assert ours.attrs["path"] == "kv-partial"
-    index = "position" if sites == "resid" else "head"
+    index = "position" if sites == "resid_pre" else "head"
     grid = ours.pivot_table(index=["layer", index], columns="pair", values="metric")
     cells = full if index_df is None else index_df
     mine = torch.tensor(grid.loc[pd.MultiIndex.from_frame(cells.set_axis(["layer", index], axis=1))].to_numpy())
@@ -153,12 +153,12 @@ def main() -> int:
     organism, queries = load_organism()
     if organism is not None:
         pairs = same_length_pairs(organism, queries, 32 if quick else 200)
-        for sites in ("resid", "heads"):
+        for sites in ("resid_pre", "z"):
             results[f"organism {sites}"] = bench("organism", organism, pairs, sites, repeats=9 if quick else 15,
                                                  site_subset=3 if quick else None)
     model = load_model(str(gpt2_small_dir()), device="cpu")
     pairs = same_length_pairs(model, random_queries(model, 60, seed=1), 1 if quick else 16)
-    for sites in ("resid", "heads"):
+    for sites in ("resid_pre", "z"):
         results[f"gpt2-small-shape {sites}"] = bench("random GPT-2-small shape", model, pairs, sites,
                                                      repeats=1 if quick else 3, site_subset=2 if quick else None,
                                                      layers=[0, 6, 11] if quick else None)

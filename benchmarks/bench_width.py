@@ -123,11 +123,11 @@ def acceptance(model, queries, t_fwd: float, meter: Meter, quick: bool) -> dict:
           f"{out['backpatch_share']:.0%} of the floor (target >= 50%)", flush=True)
     pairs = bench_patching.same_length_pairs(model, random_queries(model, 60, seed=1), 1 if quick else 4)
     L = model.cfg.n_layers
-    for sites in ("resid", "heads"):
+    for sites, key in (("resid_pre", "resid"), ("z", "heads")):
         r = bench_patching.bench("activation patching", model, pairs, sites, repeats=1,
                                  site_subset=2 if quick else 4, layers=None if L <= 4 else [0, L // 2, L - 1])
         speed = r["transformer_lens.patching"]
-        out[f"patching_{sites}"], out[f"patching_{sites}_floor"] = speed, r["floor"]
+        out[f"patching_{key}"], out[f"patching_{key}_floor"] = speed, r["floor"]
         target = "5x" if r["floor"] >= 5 else f"70% of the floor ({0.7 * r['floor']:.1f}x)"
         print(f"  activation patching {sites}: {speed:.1f}x transformer_lens.patching, floor {r['floor']:.1f}x "
               f"(target {target})", flush=True)

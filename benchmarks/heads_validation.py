@@ -64,7 +64,7 @@ def organism(n_pairs: int, n_eval: int, n_random: int, ig_steps: int) -> dict:
     world = World.load(builtin_dir("organism") / "world.json")
     p = two_hop_pairs(world, n_pairs, split="train")
     metric = metrics.clean_vs_corrupt_answer(model, p.clean_answers, p.corrupt_answers)
-    sites = ("z", "mlp_out", "resid")
+    sites = ("z", "mlp_out", "resid_post")
     atp = attribute(model, p.clean, p.corrupted, metric, sites=sites, batch_size=32)
     ig = attribute(model, p.clean, p.corrupted, metric, sites=("z",), batch_size=32, ig_steps=ig_steps)
     exact = exact_patching(model, p.clean, p.corrupted, metric, sites=sites, batch_size=32)
@@ -79,7 +79,7 @@ def organism(n_pairs: int, n_eval: int, n_random: int, ig_steps: int) -> dict:
            "ig_sweep": ig_sweep, "seconds": {"atp": atp.attrs["seconds"], "ig": ig.attrs["seconds"],
                                              "exact": exact.attrs["seconds"]},
            "agreement_mlp": rank_agreement(atp, exact, "mlp_out"),
-           "agreement_resid": rank_agreement(atp, exact, "resid"),
+           "agreement_resid": rank_agreement(atp, exact, "resid_post"),
            "nodes_exact": aggregate(exact).head(8).to_dict("records"),
            "nodes_atp": aggregate(atp[atp["site"] == "z"]).head(8).to_dict("records"),
            "nodes_ig": aggregate(ig).head(8).to_dict("records"),

@@ -13,7 +13,8 @@ Shapes (compatibility mode):
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from mhop_lens.errors import HookNameError
@@ -46,6 +47,24 @@ def head(layer: int, site: HeadSite = "z") -> str:
         close = difflib.get_close_matches(str(site), HEAD_SITES, n=3)
         raise HookNameError(f"unknown head site {site!r}; did you mean {close or list(HEAD_SITES)}?")
     return f"blocks.{layer}.attn.hook_{site}"
+
+
+def act_names(sites: Sequence[str], known: Sequence[str], old: Mapping[str, str], what: str,
+              error: type[Exception] = HookNameError, stacklevel: int = 3) -> list[str]:
+    """TransformerLens act names of ``what`` sites: an old project name in ``old`` is mapped with a deprecation
+    warning; names outside ``known`` are refused (``error``) with the nearest known names."""
+    out, bad = [], []
+    for site in sites:
+        if site in old:
+            warnings.warn(f"{what} site {site!r} is deprecated; use {old[site]!r} (TransformerLens's act name).",
+                          DeprecationWarning, stacklevel=stacklevel)
+            site = old[site]
+        (out if site in known else bad).append(site)
+    if bad:
+        close = sorted({c for b in bad for c in difflib.get_close_matches(str(b), known, n=2)})
+        hint = f" (did you mean {close}?)" if close else ""
+        raise error(f"unknown {what} site(s) {bad}; choose from {list(known)}{hint}.")
+    return out
 
 
 def n_kv_heads(model) -> int:

@@ -58,7 +58,7 @@ print("Exercise 1 passed:", {s: f"{a:.0%}" for s, a in acc.items()})
 # ## Exercise 2: when does the answer appear?
 #
 # Run the logit lens (`mhop_lens.analyses.lens.run_lens`) on the correct and incorrect queries (`sample`, below)
-# at the last position. For each query find the **earliest layer whose residual (`site == "resid"`) has e3 at rank
+# at the last position. For each query find the **earliest layer whose residual (`site == "resid_post"`) has e3 at rank
 # 0**, as a Series `first_e3` indexed by qid (queries where it never happens are left out). Then compare the
 # median for correct and incorrect queries.
 
@@ -70,7 +70,7 @@ len(sample)
 from mhop_lens.analyses.lens import run_lens
 
 lens = run_lens(model, sample, positions=("last",))
-resid = lens[(lens["site"] == "resid") & (lens["e3_rank"] == 0)]
+resid = lens[(lens["site"] == "resid_post") & (lens["e3_rank"] == 0)]
 first_e3 = resid.groupby("qid")["layer"].min()
 first_e3.groupby(ev.set_index("qid")["subset"]).median()
 

@@ -88,7 +88,7 @@ def _run_length(model, long: bool, info: dict) -> None:
     width = encode(model, [q.prompt for q in qs]).tokens.shape[1]
     assert (width > WINDOW) if long else (width < WINDOW), width
     # logit lens: the last layer's projection is the model's own output (read-out scale / soft cap included)
-    lens = run_lens(model, qs, sites=("resid",), progress=False)
+    lens = run_lens(model, qs, sites=("resid_post",), progress=False)
     last = lens[lens["layer"] == model.cfg.n_layers - 1]
     enc = encode(model, [q.prompt for q in qs])
     own = last_logits(model, enc).detach().log_softmax(-1)
@@ -106,7 +106,7 @@ def _run_length(model, long: bool, info: dict) -> None:
     info[f"backpatch_{key}"], info[f"backpatch_{key}_path"] = diff, fast.attrs["path"]
     # activation patching, residual and heads; the heads against attribution's exact patching as well
     clean, corrupt, good, bad = _pairs(model, long)
-    for sites in ("resid", "heads"):
+    for sites in ("resid_pre", "z"):
         fast = run_activation_patching(model, clean, corrupt, sites, answers=(good, bad), progress=False)
         ref = run_activation_patching(model, clean, corrupt, sites, answers=(good, bad), progress=False,
                                       reference=True)

@@ -29,7 +29,7 @@ def _metric(model, n):
 
 def test_no_perturbation_gives_zero(tiny_model):
     frame = attribute(tiny_model, CLEAN, CLEAN, _metric(tiny_model, 3))
-    assert set(frame["site"]) == {"z", "mlp_out", "resid"}
+    assert set(frame["site"]) == {"z", "mlp_out", "resid_post"}
     assert len(frame) == 3 * tiny_model.cfg.n_layers * (tiny_model.cfg.n_heads + 2)
     assert frame["atp"].abs().max() == 0
     assert np.allclose(frame["metric_clean"], frame["metric_corrupt"])
@@ -69,8 +69,8 @@ def test_integrated_gradients_satisfy_completeness_on_the_residual(tiny_models):
     model = tiny_models["gpt2"]
     clean, corrupt = _aligned(model)
     metric = _metric(model, len(clean))
-    ig = attribute(model, clean, corrupt, metric, sites=("resid",), ig_steps=16)
-    exact = exact_patching(model, clean, corrupt, metric, sites=("resid",))
+    ig = attribute(model, clean, corrupt, metric, sites=("resid_post",), ig_steps=16)
+    exact = exact_patching(model, clean, corrupt, metric, sites=("resid_post",))
     m = ig.merge(exact, on=["pair", "site", "layer", "head"])
     assert (m["atp_ig"] - m["exact"]).abs().max() < 0.02 * m["exact"].abs().max() + 1e-6
 
@@ -173,7 +173,7 @@ def test_atp_star_refuses_per_span_scores(tiny_models):
 
 
 def test_resid_post_is_the_resid_site(tiny_models):
-    """``resid_post`` (TransformerLens's act name) scores the same residual-stream nodes as ``resid``."""
+    """``resid``, the earlier name, is ``resid_post`` (TransformerLens's act name) with a deprecation warning."""
     from mhop_lens.analyses.metrics import clean_vs_corrupt_answer
 
     model = tiny_models["gpt2"]
@@ -181,6 +181,8 @@ def test_resid_post_is_the_resid_site(tiny_models):
     if len(model.tokenizer(clean[0])["input_ids"]) != len(model.tokenizer(corrupt[0])["input_ids"]):
         pytest.skip("prompts do not align for this tokenizer")
     metric = clean_vs_corrupt_answer(model, [" William"], [" Bill"])
-    old = attribute(model, clean, corrupt, metric, sites=("resid",))
+    with pytest.warns(DeprecationWarning, match="'resid' is deprecated; use 'resid_post'"):
+        old = attribute(model, clean, corrupt, metric, sites=("resid",))
     new = attribute(model, clean, corrupt, metric, sites=("resid_post",))
-    assert set(new["site"]) == {"resid_post"} and (old["atp"].to_numpy() == new["atp"].to_numpy()).all()
+    assert set(new["site"]) == set(old["site"]) == {"resid_post"}
+    assert (old["atp"].to_numpy() == new["atp"].to_numpy()).all()

@@ -90,7 +90,7 @@ def test_reference_never_enters_the_fast_machinery(model, monkeypatch):
         monkeypatch.setattr(module, name, forbidden)
     frame = bp.run_backpatch(model, tiny_queries(), batch_size=5, progress=False, reference=True)
     assert frame.attrs["path"] == "reference"
-    for sites in ("resid", "heads"):
+    for sites in ("resid_pre", "z"):
         frame = ap.run_activation_patching(model, CLEAN, CORRUPT, sites, answers=ANSWERS, progress=False,
                                            reference=True)
         assert frame.attrs["path"] == "reference"
@@ -103,13 +103,13 @@ def test_user_hook_error_is_not_the_fast_paths_fault(model):
     handle = model.blocks[0].register_forward_hook(user_hook)
     try:
         with pytest.raises(ValueError, match="a user's hook failed"):
-            ap.run_activation_patching(model, CLEAN, CORRUPT, "resid", answers=ANSWERS, progress=False)
+            ap.run_activation_patching(model, CLEAN, CORRUPT, "resid_pre", answers=ANSWERS, progress=False)
     finally:
         handle.remove()
     assert not model_state(model).get("fast_path")  # nothing recorded against the fast path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        frame = ap.run_activation_patching(model, CLEAN, CORRUPT, "resid", answers=ANSWERS, progress=False)
+        frame = ap.run_activation_patching(model, CLEAN, CORRUPT, "resid_pre", answers=ANSWERS, progress=False)
     assert frame.attrs["path"] == "kv-partial" and not _said(caught)
 
 
@@ -124,8 +124,8 @@ def test_verdict_is_per_condition(model, monkeypatch):
         fast = bp.run_backpatch(model, qs, batch_size=5, progress=False)
         assert fast.attrs["path"] == "kv-partial" and not _said(caught)
         prompts = ["The river of London is the Thames. The country of Kyoto is " + c for c in CLEAN]
-        frame = ap.run_activation_patching(model, prompts, prompts[::-1], "resid", answers=ANSWERS, progress=False)
-        ref = ap.run_activation_patching(model, prompts, prompts[::-1], "resid", answers=ANSWERS, progress=False,
+        frame = ap.run_activation_patching(model, prompts, prompts[::-1], "resid_pre", answers=ANSWERS, progress=False)
+        ref = ap.run_activation_patching(model, prompts, prompts[::-1], "resid_pre", answers=ANSWERS, progress=False,
                                          reference=True)
     said = _said(caught)
     assert frame.attrs["path"] == "reference" and len(said) == 1 and "sliding" in said[0], said

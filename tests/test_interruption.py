@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mhop_lens.cli.hopping import lens
 
 N = 160  # queries: 20 chunks of 8, so the kill lands mid-way
-ARGS = ["--model", "organism", "--data", "organism", "--limit", str(N), "--batch-size", "8", "--sites", "resid",
+ARGS = ["--model", "organism", "--data", "organism", "--limit", str(N), "--batch-size", "8", "--sites", "resid_post",
         "--positions", "last,t1", "--top-k", "2", "--device", "cpu"]
 KEY = ["qid", "position", "site", "layer"]
 

@@ -109,7 +109,7 @@ def test_k2_evaluation_matches_two_hop(organism, two_hop_pair):
 
 def test_k2_lens_backpatch_knockout_match_two_hop(organism, two_hop_pair):
     qs, ks = two_hop_pair
-    old = run_lens(organism, qs, ["r1", "last"], ["resid"], progress=False)
+    old = run_lens(organism, qs, ["r1", "last"], ["resid_post"], progress=False)
     new = run_khop_lens(organism, ks, ["r1", "r2"], progress=False)
     for entity, col in (("e2", "e2_rank"), ("e3", "e3_rank")):
         got = new[new["entity"] == entity].reset_index(drop=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from _hopping import possessive_query, tiny_queries
@@ -26,7 +27,7 @@ def test_lens_frame_last_layer_matches_prediction(tiny_model):
     frame = run_lens(tiny_model, queries, positions=("last", "t1"), top_k=3, batch_size=2, progress=False)
     n = tiny_model.cfg.n_layers
     assert len(frame) == len(queries) * 2 * 3 * n
-    final = frame[(frame.site == "resid") & (frame.layer == n - 1)]
+    final = frame[(frame.site == "resid_post") & (frame.layer == n - 1)]
     assert (final.pred_rank == 0).all() and (final.top1 == final.pred_token).all()
     enc = encode(tiny_model, [q.prompt for q in queries])
     with torch.inference_mode():
@@ -61,6 +62,15 @@ def test_t1_is_the_end_of_the_first_hop_phrase(tiny_models):
         sites.span_of(csv_q, "e9")
 
 
+def test_old_resid_name_is_resid_post_with_a_warning(tiny_models):
+    model, qs = tiny_models["gpt2"], tiny_queries()[:2]
+    with pytest.warns(DeprecationWarning, match="lens site 'resid' is deprecated; use 'resid_post'"):
+        old = run_lens(model, qs, sites=("resid",), progress=False)
+    new = run_lens(model, qs, sites=("resid_post",), progress=False)
+    assert set(old["site"]) == {"resid_post"}
+    pd.testing.assert_frame_equal(old, new)
+
+
 def test_unknown_site_is_refused(tiny_models):
     with pytest.raises(ValueError, match="unknown lens site"):
-        run_lens(tiny_models["gpt2"], tiny_queries()[:1], sites=("resid", "attn"), progress=False)
+        run_lens(tiny_models["gpt2"], tiny_queries()[:1], sites=("resid_post", "attn"), progress=False)

@@ -19,7 +19,7 @@ def _aligned(model):
     return [CLEAN[i] for i in keep], [CORRUPT[i] for i in keep]
 
 
-@pytest.mark.parametrize("sites", ["resid", "heads"])
+@pytest.mark.parametrize("sites", ["resid_pre", "z"])
 def test_fast_equals_reference(tiny_model, sites):
     """Single-position calls over a prefix cache (no call overhead), grouped positions (default), all positions in
     one call (a huge overhead), heads in 3-row calls."""
@@ -36,7 +36,7 @@ def test_fast_equals_reference(tiny_model, sites):
             assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
 
 
-@pytest.mark.parametrize("sites", ["resid", "heads"])
+@pytest.mark.parametrize("sites", ["resid_pre", "z"])
 def test_sites_without_forward_match_the_reference(tiny_model, sites, monkeypatch):
     """One swapped middle token (pair 0) and an identical pair (pair 1). Sites equal in clean and corrupted, and at
     the embeddings the swapped token itself (patching it restores the clean run), need no forward; the rest
@@ -55,7 +55,7 @@ def test_sites_without_forward_match_the_reference(tiny_model, sites, monkeypatc
     fast = ap.patch_logits(tiny_model, c, x, sites, layers)
     assert max((fast[k] - ref[k]).abs().max() for k in ref) < 1e-4
     assert calls and max(new for _, new in calls) <= width - swapped  # nothing before the swap is recomputed
-    if sites == "resid":
+    if sites == "resid_pre":
         assert 0 not in {start for start, _ in calls}  # the embeddings: every site is free
         assert (fast[(0, swapped)] - c.last_logits).abs().max() < 1e-4
 
@@ -76,7 +76,7 @@ def test_position_groups_minimise_calls_plus_tokens():
     assert len(ap.position_groups(8, 6, 10**6, max_tokens=100)) > 1
 
 
-@pytest.mark.parametrize("sites", ["resid", "heads"])
+@pytest.mark.parametrize("sites", ["resid_pre", "z"])
 def test_own_activation_is_identity(tiny_model, sites):
     """Computed, not skipped (``skip_unchanged=False``): every patched forward reproduces the corrupted run."""
     c, x = ap.prepare(tiny_model, CLEAN, CLEAN, sites)
@@ -173,7 +173,7 @@ def test_old_site_names_warn_and_agree(tiny_models):
     with pytest.warns(DeprecationWarning, match="'z'"):
         old = ap.run_activation_patching(model, clean, corrupt, "heads", answers=answers, progress=False)
     assert set(old["site"]) == {"z"} and (old["metric"] - new["metric"]).abs().max() < 1e-6
-    with pytest.raises(ap.MhopLensError, match="sites must be one of"):
+    with pytest.raises(ap.MhopLensError, match=r"unknown activation patching site\(s\) \[.resid_prex.\]; choose"):
         ap.run_activation_patching(model, clean, corrupt, "resid_prex", answers=answers, progress=False)
 
 

@@ -26,7 +26,7 @@ def test_patch_at_last_layer_is_the_logit_lens(tiny_models, arch):
     last = model.cfg.n_layers - 1
     ps = run_patchscope(model, queries, target_layers=[last], positions=("last", "t1"), decoder="generate",
                         max_new_tokens=1, batch_size=4, progress=False)
-    lens = run_lens(model, queries, positions=("last", "t1"), sites=("resid",), progress=False)
+    lens = run_lens(model, queries, positions=("last", "t1"), sites=("resid_post",), progress=False)
     merged = ps.merge(lens.rename(columns={"layer": "source_layer"}), on=["qid", "position", "source_layer"])
     assert len(merged) == len(ps) == len(queries) * 2 * model.cfg.n_layers
     assert (merged.first_token == merged.top1).all()
@@ -100,7 +100,7 @@ def test_organism_first_hop_before_second(organism):
     ps = run_patchscope(organism, queries, decoder="auto", batch_size=100, progress=False)
     assert (ps.decoder == "lens").all() and set(ps.position) == {"t1", "t2"}
     early = earliest_layers(ps).set_index("qid")
-    lens = run_lens(organism, queries, sites=("resid",), batch_size=100, progress=False)
+    lens = run_lens(organism, queries, sites=("resid_post",), batch_size=100, progress=False)
     correct = lens.groupby("qid").correct.first()
     ordered = early.loc[correct[correct].index, "first_before_second"].fillna(False)
     assert correct.sum() >= 50  # the organism answers ~75% of held-out queries

@@ -59,7 +59,8 @@ def test_failed_setup_leaves_no_run_directory(env):
     out = env.tmp / "out"
     bad = CliRunner().invoke(main, ["lens", "--data", str(env.tmp / "missing.csv"), "--out", str(out), "--limit", "2"])
     assert bad.exit_code == 1 and "does not exist" in bad.output and not out.exists()
-    good = CliRunner().invoke(main, ["lens", "--out", str(out), "--limit", "2", "--device", "cpu", "--sites", "resid"])
+    good = CliRunner().invoke(main, ["lens", "--out", str(out), "--limit", "2", "--device", "cpu",
+                                     "--sites", "resid_post"])
     assert good.exit_code == 0, good.output
 
 
@@ -123,7 +124,7 @@ def test_multi_token_answers_are_handled_as_documented(tiny_models):
 
     model = tiny_models["gpt2"]
     q = next(q for q in tiny_queries() if len(model.tokenizer(" " + q.e3, add_special_tokens=False)["input_ids"]) > 1)
-    frame = run_lens(model, [q], sites=["resid"], progress=False)
+    frame = run_lens(model, [q], sites=["resid_post"], progress=False)
     last = frame[frame["layer"] == model.cfg.n_layers - 1].iloc[0]
     logits = last_logits(model, encode(model, q.prompt))
     first = torch.tensor([first_token_id(model, " " + q.e3)])

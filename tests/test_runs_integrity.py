@@ -23,7 +23,7 @@ from mhop_lens.cli import main
 from mhop_lens.data import FIXTURE_CSV
 
 KEY = ["qid", "position", "site", "layer"]
-LENS = ["lens", "--sites", "resid", "--positions", "last", "--top-k", "2", "--device", "cpu", "--batch-size", "4"]
+LENS = ["lens", "--sites", "resid_post", "--positions", "last", "--top-k", "2", "--device", "cpu", "--batch-size", "4"]
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_a_chunk_not_in_the_manifest_is_recomputed(tiny_dirs, data_csv, tmp_path
 def test_two_concurrent_writers(tmp_path, one_thread):
     """Both start at once on one directory: one holds the lock, the other gets one Error: line; the table is the
     uninterrupted run's."""
-    args = ["--model", "organism", "--data", "organism", "--limit", "120", "--batch-size", "8", "--sites", "resid",
+    args = ["--model", "organism", "--data", "organism", "--limit", "120", "--batch-size", "8", "--sites", "resid_post",
             "--positions", "last,t1", "--top-k", "2", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     code = "import torch; torch.set_num_threads(1); from mhop_lens.cli.hopping import lens; lens()"

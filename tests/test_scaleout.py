@@ -16,7 +16,7 @@ from mhop_lens.cli import main
 N = 12
 SWEEPS = {  # verb: (extra options, table keys)
     "evaluate": ([], {"evaluation": ["qid"]}),
-    "lens": (["--sites", "resid"], {"lens": ["qid", "position", "site", "layer"]}),
+    "lens": (["--sites", "resid_post"], {"lens": ["qid", "position", "site", "layer"]}),
     "knockout": (["--edges", "last->e1", "--centres", "0,2"], {"knockout": ["qid", "edge", "centre"]}),
     "describe": (["--positions", "t1", "--source-layers", "0,2", "--target-layers", "same"],
                  {"patchscope": ["qid", "position", "source_layer", "target_layer"], "earliest": ["qid"]}),

@@ -11,7 +11,7 @@ from mhop_lens.analyses.stages import stage_summary, stage_table
 
 def _lens(qid: str, correct: bool, e3_ranks: list[int], pred_ranks: list[int], attn_e3: list[int]) -> pd.DataFrame:
     n = len(e3_ranks)
-    resid = pd.DataFrame({"qid": qid, "layer": range(n), "site": "resid", "position": "last", "e3_rank": e3_ranks,
+    resid = pd.DataFrame({"qid": qid, "layer": range(n), "site": "resid_post", "position": "last", "e3_rank": e3_ranks,
                           "pred_rank": pred_ranks, "correct": correct})
     attn = resid.assign(site="attn_out", e3_rank=attn_e3)
     return pd.concat([resid, attn])

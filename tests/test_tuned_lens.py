@@ -26,8 +26,9 @@ def trained(organism):
 
 def test_untrained_lens_is_the_logit_lens(organism, queries):
     lens = TunedLens(organism.cfg.n_layers, organism.cfg.d_model)
-    plain = run_lens(organism, queries, positions=("t1", "last"), sites=("resid",), progress=False)
-    tuned = run_lens(organism, queries, positions=("t1", "last"), sites=("resid",), progress=False, translator=lens)
+    plain = run_lens(organism, queries, positions=("t1", "last"), sites=("resid_post",), progress=False)
+    tuned = run_lens(organism, queries, positions=("t1", "last"), sites=("resid_post",), progress=False,
+                     translator=lens)
     assert (plain["lens"] == "logit").all() and (tuned["lens"] == "tuned").all()
     assert plain[RANKS].equals(tuned[RANKS])
     assert (plain["e3_prob"] - tuned["e3_prob"]).abs().max() < 1e-6
@@ -58,7 +59,7 @@ def test_earliest_decoding_counts(trained, organism, queries):
     assert set(table["lens"]) == {"logit", "tuned"} and set(table["position"]) == {"t1", "last"}
     n = table.groupby(["lens", "position", "entity"])["n"].sum()
     assert (n == len(queries)).all()
-    frame = run_lens(organism, queries, positions=("last",), sites=("resid",), progress=False)
+    frame = run_lens(organism, queries, positions=("last",), sites=("resid_post",), progress=False)
     e3 = earliest_decoding(frame).query("entity == 'e3' and correct")
     # a correct query's last layer reads e3 top-1 by definition of "correct"
     assert int(e3["decoded"].sum()) == int(e3["n"].sum())

@@ -8,8 +8,9 @@ cache, corrupted with grad) + 1 backward per batch. The linearisation fails wher
 GradDrop; see :func:`_atp_star_batch` for the definition used here), and ``exact_patching`` measures the real
 effect, many nodes per forward (patched copies along the batch dimension).
 
-Sites: ``"z"`` = each head's ``hook_z`` (one node per layer x head), ``"mlp_out"`` and ``"resid"`` / ``"resid_post"``
-= one node per layer. Clean and corrupted prompts of a pair must have the same number of tokens (positions align).
+Sites (TransformerLens act names): ``"z"`` = each head's ``hook_z`` (one node per layer x head), ``"mlp_out"`` and
+``"resid_post"`` = one node per layer (``"resid"``, the earlier name of ``resid_post``, is deprecated). Clean and
+corrupted prompts of a pair must have the same number of tokens (positions align).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from tqdm.auto import tqdm
 
 from mhop_lens import hooks
 from mhop_lens.analyses.metrics import Metric
-from mhop_lens.errors import SpanError
+from mhop_lens.errors import DataError, SpanError
 from mhop_lens.forward import logits_at, run
 from mhop_lens.positions import token_positions
 from mhop_lens.tokens import Encoded, encode
 
-SITES = ("z", "mlp_out", "resid")
-#: Residual-stream site names: ``resid_post`` is TransformerLens's act name of the same site as ``resid``.
-RESID_SITES = ("resid", "resid_post")
+SITES = ("z", "mlp_out", "resid_post")
+#: Names of earlier releases -> act names (accepted with a deprecation warning).
+OLD_SITES = {"resid": "resid_post"}
 METHODS = ("atp", "atp-star", "ig")
 OTHER = "other"
 #: Score column of each method.
@@ -58,11 +59,9 @@ class Counter:
 
 def site_hooks(model, sites: Sequence[str]) -> list[tuple[str, int, str]]:
     """(site, layer, hook name) for every requested site of every layer."""
-    bad = [s for s in sites if s not in (*SITES, "resid_post")]
-    if bad:
-        raise ValueError(f"unknown attribution site(s) {bad}; choose from {SITES}.")
-    post = lambda l: hooks.resid(l, "post")  # noqa: E731
-    names = {"z": lambda l: hooks.head(l, "z"), "mlp_out": hooks.mlp_out, "resid": post, "resid_post": post}
+    sites = hooks.act_names(sites, SITES, OLD_SITES, "attribution", DataError, stacklevel=4)
+    names = {"z": lambda l: hooks.head(l, "z"), "mlp_out": hooks.mlp_out,
+             "resid_post": lambda l: hooks.resid(l, "post")}
     out = [(s, l, names[s](l)) for l in range(model.cfg.n_layers) for s in sites]
     hooks.validate(model, [n for _, _, n in out])
     return out
@@ -530,7 +529,7 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
             dropped = corrected({k: g[k] for k in node_keys},
                                 {l: (g[("zall", l)], g[("attn_in", l)]) for l in later if l != drop})
             for k in node_keys:
-                if k[0] not in RESID_SITES and k[1] == drop:
+                if k[0] != "resid_post" and k[1] == drop:
                     continue  # the node's own layer dropped: all its paths are cut, I_l = 0
                 gd[k] += dropped[k].abs()
         gd = {k: v / max(1, n_layers - 1) for k, v in gd.items()}

@@ -50,7 +50,7 @@ def chain_name(name: str) -> str:
 
 
 def run_khop_lens(model, queries: Sequence[KHopQuery], positions: Sequence[str] | None = None,
-                  sites: Sequence[str] = ("resid",), batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+                  sites: Sequence[str] = ("resid_post",), batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
     """Logit lens of every bridge entity and the answer at every chain position: one row per
     (query, position, site, layer, entity).
 

@@ -1,9 +1,9 @@
 """Logit lens and sublayer projection ("Hopping Too Late" section 3): read e2 / e3 off every layer's outputs.
 
-Each site's vector (``resid`` = ``hook_resid_post``, ``attn_out``, ``mlp_out``) at a chosen position is sent
+Each site's vector (TransformerLens act names: ``resid_post``, ``attn_out``, ``mlp_out``) at a chosen position is sent
 through the model's own final norm and unembedding (``model.ln_final``, ``model.unembed``) and whatever the model
 applies after the unembedding (a logit scale, Gemma-2's final soft cap: ``partial_forward.readout``, read from
-the model), exactly the path the last layer's residual takes to the logits, so the last layer's ``resid``
+the model), exactly the path the last layer's residual takes to the logits, so the last layer's ``resid_post``
 projection *is* the model's output. One cached forward per batch serves every layer, site and position.
 """
 
@@ -26,10 +26,13 @@ from mhop_lens.errors import DataError
 from mhop_lens.forward import run_with_cache
 from mhop_lens.tokens import encode
 
-#: Sites read by the lens; ``resid_post`` (TransformerLens's act name) and ``resid`` are the same residual stream.
-SITES = {"resid": lambda layer: hooks.resid(layer, "post"), "resid_post": lambda layer: hooks.resid(layer, "post"),
-         "attn_out": hooks.attn_out, "mlp_out": hooks.mlp_out}
-RESID = ("resid", "resid_post")
+#: Sites read by the lens (TransformerLens act names).
+SITES = {"resid_post": lambda layer: hooks.resid(layer, "post"), "attn_out": hooks.attn_out, "mlp_out": hooks.mlp_out}
+DEFAULT_SITES = tuple(SITES)
+#: Names of earlier releases -> act names (accepted with a deprecation warning).
+OLD_SITES = {"resid": "resid_post"}
+#: Site labels of the residual stream in lens tables (``resid`` in tables written by earlier releases).
+RESID = ("resid_post", "resid")
 CORRECT_RULE = "greedy first token == first token of e3"
 #: ``translator(layer, h) -> h'`` applied to the residual before the readout (a tuned lens, see ``tuned_lens``).
 Translator = Callable[[int, Float[Tensor, "... d_model"]], Float[Tensor, "... d_model"]]
@@ -90,12 +93,10 @@ def decode_ids(model, ids: Tensor) -> list[str]:
 
 @torch.inference_mode()
 def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.PositionSpec] = ("last",),
-               sites: Sequence[str] = ("resid", "attn_out", "mlp_out"), top_k: int = 5,
+               sites: Sequence[str] = DEFAULT_SITES, top_k: int = 5,
                translator: Translator | None = None) -> pd.DataFrame:
     """Lens rows of one batch (see ``run_lens``)."""
-    unknown = [s for s in sites if s not in SITES]
-    if unknown:
-        raise DataError(f"unknown lens site(s) {unknown}; choose from {list(SITES)}.")
+    sites = site_names(sites, stacklevel=5)
     n_layers = model.cfg.n_layers
     enc = encode(model, [q.prompt for q in queries])
     names = [SITES[s](layer) for s in sites for layer in range(n_layers)]
@@ -142,8 +143,13 @@ def _read(x: Float[Tensor, "batch d_model"], layer: int, site: str, translator: 
     return x if translator is None or site not in RESID else translator(layer, x)
 
 
+def site_names(sites: Sequence[str], stacklevel: int = 4) -> list[str]:
+    """Lens sites as act names (``resid`` -> ``resid_post`` with a deprecation warning); unknown names refused."""
+    return hooks.act_names(sites, tuple(SITES), OLD_SITES, "lens", DataError, stacklevel)
+
+
 def run_lens(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.PositionSpec] = ("last",),
-             sites: Sequence[str] = ("resid", "attn_out", "mlp_out"), top_k: int = 5, batch_size: int = 32,
+             sites: Sequence[str] = DEFAULT_SITES, top_k: int = 5, batch_size: int = 32,
              progress: bool = True, translator: Translator | None = None) -> pd.DataFrame:
     """Logit lens of every layer's residual / attention / MLP output at ``positions`` (names of ``sites.py``).
 
@@ -157,6 +163,7 @@ def run_lens(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.Positi
     """
     if not queries:
         raise DataError("no queries for the lens; check --data, --limit and --shard.")
+    sites = site_names(sites)
     batches = [list(queries[i : i + batch_size]) for i in range(0, len(queries), batch_size)]
     frames = [lens_batch(model, b, positions, sites, top_k, translator)
               for b in tqdm(batches, desc="lens", unit="batch", disable=not progress)]

@@ -69,13 +69,7 @@ MAX_TOKENS_PER_CALL = 8192
 
 def site_name(site: str) -> str:
     """The TransformerLens act name of a patching site (an old name is mapped, with a deprecation warning)."""
-    if site in OLD_SITES:
-        warnings.warn(f"activation patching site {site!r} is deprecated; use {OLD_SITES[site]!r} (TransformerLens's "
-                      "act name).", DeprecationWarning, stacklevel=3)
-        return OLD_SITES[site]
-    if site not in SITES:
-        raise MhopLensError(f"sites must be one of {SITES}, not {site!r}.")
-    return site
+    return hooks.act_names([site], SITES, OLD_SITES, "activation patching", MhopLensError, stacklevel=4)[0]
 
 
 def n_sites(model, site: str) -> int:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mhop_lens import hooks
-from mhop_lens.analyses.lens import project, run_lens
+from mhop_lens.analyses.lens import RESID, project, run_lens
 from mhop_lens.errors import DataError
 from mhop_lens.forward import run_with_cache
 from mhop_lens.tokens import encode
@@ -139,7 +139,7 @@ def earliest_decoding(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (lens, position, entity, correct): how many queries decode the entity top-1 at some layer, and the mean
     earliest such layer. ``frame``: ``run_lens`` rows of the ``resid`` site (one or both lenses)."""
     rows = []
-    resid = frame[frame["site"] == "resid"]
+    resid = frame[frame["site"].isin(RESID)]
     for (lens, position, correct), part in resid.groupby(["lens", "position", "correct"], sort=True):
         for entity in ("e2", "e3"):
             top = part[part[f"{entity}_rank"] == 0]
@@ -153,6 +153,6 @@ def earliest_decoding(frame: pd.DataFrame) -> pd.DataFrame:
 def compare_lenses(model, queries, lens: TunedLens, positions: Sequence[str] = ("t1", "last"),
                    batch_size: int = 32) -> pd.DataFrame:
     """``earliest_decoding`` of the logit lens and of ``lens`` on the same queries, side by side."""
-    frames = [run_lens(model, queries, positions=positions, sites=("resid",), batch_size=batch_size,
+    frames = [run_lens(model, queries, positions=positions, sites=("resid_post",), batch_size=batch_size,
                        progress=False, translator=t) for t in (None, lens)]
     return earliest_decoding(pd.concat(frames, ignore_index=True))

@@ -18,7 +18,7 @@ import click
 
 from mhop_lens.cli.common import friendly_errors
 from mhop_lens.cli.gar import _csv, gar_options, load_examples
-from mhop_lens.cli.options import limit_too_small
+from mhop_lens.cli.options import limit_too_small, site_list
 from mhop_lens.errors import DataError, MhopLensError
 
 _NO_PAIRS = "no Yes/No counter-pair (a Yes and a No classification row sharing a pair_id)"
@@ -81,7 +81,9 @@ def _world(examples):
 
 @click.command()
 @gar_options
-@click.option("--sites", default="z,mlp_out,resid", show_default=True, help="Comma list of z, mlp_out, resid.")
+@click.option("--sites", default="z,mlp_out,resid_post", show_default=True,
+              help="Comma list of TransformerLens act names: z, mlp_out, resid_post (resid: deprecated name of "
+                   "resid_post).")
 @click.option("--pairs", type=click.Choice(["yesno", "query"]), default="yesno", show_default=True,
               help="GAR pairs: Yes/No counter-pairs (metric Yes - No) or gen rows with the query key swapped for "
                    "another context key (metric clean - corrupt answer). Ignored for --data organism.")
@@ -112,11 +114,12 @@ def attribute(**kw) -> None:
     GAR data uses its Yes/No counter-pairs (metric: logit Yes - logit No) or, with --pairs query, generation rows
     whose query key is swapped for another context key.
     """
-    from mhop_lens.analyses.attribution import COLUMN, aggregate, cost_line, exact_patching, rank_agreement
+    from mhop_lens.analyses.attribution import COLUMN, OLD_SITES, aggregate, cost_line, exact_patching, rank_agreement
     from mhop_lens.analyses.attribution import attribute as run_atp
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
+    kw["sites"] = site_list(kw["sites"], OLD_SITES)
     model = load_model(kw["model"], device=kw["device"])
     clean, corrupt, metric, spans, ids, dropped = _pairs(kw, model)  # fails before --out is written
     store = RunStore(kw["out"], "attribute", kw)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mhop_lens.cli.common import friendly_errors, run_options, setup_sweep
-from mhop_lens.cli.options import POSITIVE, check_generation_fits, check_top_k
+from mhop_lens.cli.options import POSITIVE, check_generation_fits, check_top_k, site_list
 from mhop_lens.errors import DataError
 
 
@@ -97,16 +97,19 @@ def describe_line(early) -> str:
 @run_options
 @click.option("--positions", default="t1,last", show_default=True,
               help="Comma list of positions (t1, last: the study's two; e1, r1, r2, t2).")
-@click.option("--sites", default="resid,attn_out,mlp_out", show_default=True, help="Comma list of sites.")
+@click.option("--sites", default="resid_post,attn_out,mlp_out", show_default=True,
+              help="Comma list of TransformerLens act names: resid_post, attn_out, mlp_out (resid: deprecated name "
+                   "of resid_post).")
 @click.option("--top-k", type=POSITIVE, default=5, show_default=True)
 @click.option("--tuned-lens", "tuned_lens", default=None, type=click.Path(exists=True),
               help="Read the residual through a tuned lens trained by `mhop-lens tuned-lens train` (a directory).")
 @friendly_errors
 def lens(**kw) -> None:
     """Logit lens of the residual, attention and MLP outputs of every layer: ranks of e2, e3 and the prediction."""
-    from mhop_lens.analyses.lens import run_lens
+    from mhop_lens.analyses.lens import OLD_SITES, run_lens
     from mhop_lens.analyses.tuned_lens import TunedLens
 
+    kw["sites"] = site_list(kw["sites"], OLD_SITES)
     store, model, queries = setup_sweep("lens", kw)
     check_top_k(model, kw["top_k"])
     translator = TunedLens.load(kw["tuned_lens"], model) if kw["tuned_lens"] else None

@@ -116,3 +116,12 @@ def limit_too_small(error: MhopLensError, limit: int | None, data: str, missing:
                              f"--limit {limit}).")
     return MhopLensError(f"--limit {limit} is too small: the first {limit} rows of --data {data!r} have {missing}. "
                          f"The first {need} rows have some; pass --limit {need} or more, or leave --limit out.")
+
+
+def site_list(spec: str, old: dict[str, str], option: str = "--sites") -> str:
+    """A comma list of site names with the deprecated names of earlier releases replaced by their TransformerLens
+    act names (one note on stderr); unknown names are left for the analysis to refuse with its own message."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for name in dict.fromkeys(n for n in names if n in old):
+        click.echo(f"note: {option} {name} is deprecated; use {old[name]} (TransformerLens's act name).", err=True)
+    return ",".join(old.get(n, n) for n in names)

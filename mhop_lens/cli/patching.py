@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from mhop_lens.cli.common import friendly_errors, run_options, setup_sweep
-from mhop_lens.cli.options import limit_too_small
+from mhop_lens.cli.options import limit_too_small, site_list
 from mhop_lens.errors import MhopLensError
 
 
@@ -106,9 +106,7 @@ def patch(**kw) -> None:
     from mhop_lens.analyses.patching import OLD_SITES, counterfactual_pairs, run_activation_patching
     from mhop_lens.data import load_queries
 
-    if kw["sites"] in OLD_SITES:
-        click.echo(f"note: --sites {kw['sites']} is deprecated; use --sites {OLD_SITES[kw['sites']]}.", err=True)
-        kw["sites"] = OLD_SITES[kw["sites"]]
+    kw["sites"] = site_list(kw["sites"], OLD_SITES)
 
     def check(queries) -> None:
         try:

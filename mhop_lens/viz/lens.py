@@ -10,7 +10,8 @@ from plotly.subplots import make_subplots
 from mhop_lens.viz import style
 from mhop_lens.viz._frames import groups, require, with_subset
 
-SITE_TITLES = {"resid": "residual stream", "attn_out": "attention output", "mlp_out": "MLP output"}
+SITE_TITLES = {"resid_post": "residual stream", "resid": "residual stream", "attn_out": "attention output",
+               "mlp_out": "MLP output"}
 METRICS = {"top1": "% queries with entity top-1", "prob": "mean probability", "rank": "median rank"}
 DASH = {"correct": "solid", "incorrect": "dash", "other": "dot", "all": "solid"}
 
