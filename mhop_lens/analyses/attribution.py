@@ -326,21 +326,21 @@ def grad_root() -> tuple[Tensor, Callable]:
 def _clean_cache(model, enc: Encoded, named, counter: Counter, metric: Metric, rows: Tensor):
     store: dict = {}
     fwd = [(name, capture_into(store, (site, layer))) for site, layer, name in named] + counting_hooks(counter)
-    logits = run(model, enc, fwd)
-    return {k: v.detach() for k, v in store.items()}, metric(end_logits(logits, enc), rows)
+    last = logits_at(model, enc, fwd)  # unembeds only the read position
+    return {k: v.detach() for k, v in store.items()}, metric(last, rows)
 
 
 def _atp_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Tensor, named, counter: Counter,
                _ig_steps: int):
-    """2 forwards + 1 backward: clean cache, corrupted forward with grad, one backward of the summed metric."""
+    """2 forwards + 1 backward: clean cache, corrupted forward with grad, one backward of the summed metric (both
+    forwards unembed only the read position)."""
     clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
     store: dict = {}
     _, root = grad_root()
     fwd = [("hook_embed", root)] + [(name, capture_into(store, (s, l))) for s, l, name in named]
     fwd += counting_hooks(counter)
     with torch.enable_grad():
-        logits = run(model, corrupt, fwd)
-        m_corrupt = metric(end_logits(logits, corrupt), rows)
+        m_corrupt = metric(logits_at(model, corrupt, fwd), rows)
         keys = list(store)
         grads = torch.autograd.grad(m_corrupt.sum(), [store[k] for k in keys], allow_unused=True)
     scores = {}
