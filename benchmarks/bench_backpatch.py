@@ -130,7 +130,8 @@ def bench(name: str, model, queries, repeats: int, study_n: int, batch_size: int
         print(f"  ({int(differ.sum())} of {len(differ)} ranks >= 100 differ by <= 2: near-tied logits)")
     assert abs(mine["prob"].to_numpy() - ref["prob"].to_numpy()).max() < 1e-4
     study = results["study (per query x pair)"]
-    assert all(int(mine.loc[k, "rank"]) == r for k, r in study.items()), "the study-style loop disagrees"
+    assert all(int(mine.loc[k, "rank"]) == r or (r >= 100 and abs(int(mine.loc[k, "rank"]) - r) <= 2)
+               for k, r in study.items()), "the study-style loop disagrees"
     shared = clean_seconds["clean"]
     sweep = {"ours (kv-partial)": seconds["ours (kv-partial)"] - shared,
              "reference (per pair)": (seconds["reference (per pair)"] - shared) * pair_scale}
