@@ -131,3 +131,23 @@ def test_shipped_three_hop_organism_loads_by_name():
     qs = load_khop_queries("organism-khop:heldout", limit=5)
     assert len(qs) == 5 and all(q.k == 3 and q.split == "heldout" for q in qs)
     assert len(load_khop_queries("organism-khop:train", limit=3)) == 3
+
+
+def test_chain_returning_to_an_earlier_entity_is_read():
+    """The spouse of the spouse of e1 is e1: the chain's bridge view has e1 == e2, which the two-hop data checks
+    refuse (a decoded answer could not be told apart) but the k-hop lens scores by token rank."""
+    from mhop_lens.analyses.khop import run_khop_lens
+    from mhop_lens.data.khop import load_khop_queries
+    from mhop_lens.models import load_model
+
+    chains = load_khop_queries("organism-khop:heldout")
+    back = [q for q in chains if q.entities[0] == q.entities[2]][:2]
+    assert back, "the held-out set holds chains that return to e1"
+    from mhop_lens.data.records import build_query
+
+    assert back[0].view(2).e1 == back[0].view(2).e2  # the view is built; a user row like it is refused
+    with pytest.raises(DataError, match="can never be told apart"):
+        build_query("x", "A", "r", "A", "s", "B", "the r of {}", "the s of {}")
+    model = load_model("organism-khop")
+    lens = run_khop_lens(model, back, progress=False)
+    assert set(lens["entity"]) == {"e2", "e3", "e4"} and lens["rank"].notna().all()

@@ -84,6 +84,7 @@ def build_query(
     answer_prefix: str = " ",
     split: str = "",
     meta: dict[str, Any] | None = None,
+    distinct: bool = True,
 ) -> TwoHopQuery:
     """Render the two-hop, one-hop and shortcut prompts of (e1, r1, e2, r2, e3) and locate e1, r1, r2.
 
@@ -91,6 +92,9 @@ def build_query(
     One-hop prompts: ``r1_template.format(e1) + suffix`` and ``r2_template.format(e2) + suffix``. Entity shortcut:
     ``r2_template.format(e1) + suffix``; relation shortcut: the composed relation phrase without e1 and without the
     suffix ("the spouse of the performer of"), so a model that answers it guesses from the relations alone.
+
+    ``distinct=False`` accepts e1 == e2 or e2 == e3 (a k-hop chain's view where a relation returns to an earlier
+    entity, e.g. the spouse of the spouse): readers that score entities by token rank need no told-apart answers.
     """
     for name, value in (("e1", e1), ("e2", e2), ("e3", e3)):
         if not isinstance(value, str) or not value.strip():
@@ -103,7 +107,7 @@ def build_query(
             raise DataError(f"query {id}: {name} {list(value)!r} holds an empty alias, which every decoded text "
                             "would match; remove it (an empty list means no aliases).")
     for (a, x), (b, y) in ((("e1", e1), ("e2", e2)), (("e2", e2), ("e3", e3))):
-        if x.strip() == y.strip():
+        if distinct and x.strip() == y.strip():
             raise DataError(f"query {id}: {a} and {b} are both {x!r}, so a decoded answer can never be told "
                             f"apart as {a} or {b} (one of them would never be reported); drop or fix this row.")
     _phrase(r1_template), _phrase(r2_template)
@@ -230,7 +234,9 @@ class KHopQuery:
 
     def view(self, bridge: int) -> TwoHopQuery:
         """The two-hop query (e1, r1..r_bridge composed, e_{bridge+1}, the remaining relations composed, answer)
-        on this prompt; spans ``hop1`` .. ``hopk`` locate every relation (as ``r1`` .. ``rk`` here)."""
+        on this prompt; spans ``hop1`` .. ``hopk`` locate every relation (as ``r1`` .. ``rk`` here). A chain may
+        return to an earlier entity (the spouse of the spouse of e1 is e1), so the view's entities need not differ:
+        the k-hop lens and back-patching score them by token rank, never by telling decoded answers apart."""
         if not 1 <= bridge < self.k:
             raise DataError(f"query {self.id}: bridge must be in 1..{self.k - 1}, not {bridge}.")
         first, rest = self.templates[:bridge], self.templates[bridge:]
@@ -239,7 +245,7 @@ class KHopQuery:
             "/".join(self.relations[bridge:]), self.answer, _compose(first, "{}"), _compose(rest, "{}"),
             prompt=self.prompt, suffix=self.suffix, e1_aliases=self.entity_aliases(1),
             e2_aliases=self.entity_aliases(bridge + 1), e3_aliases=self.entity_aliases(self.k + 1),
-            answer_prefix=self.answer_prefix, split=self.split, meta=self.meta,
+            answer_prefix=self.answer_prefix, split=self.split, meta=self.meta, distinct=False,
         )
         hops = {f"hop{j}": self.spans[f"r{j}"] for j in range(1, self.k + 1)}
         return TwoHopQuery(**{**{f: getattr(q, f) for f in q.__dataclass_fields__}, "spans": {**q.spans, **hops}})
