@@ -804,6 +804,7 @@ def _allowed(corrupt: Encoded) -> Tensor:
     return causal[None] & mask[:, None, :]
 
 
+@torch.no_grad()
 def _frozen_fixes(model, store: dict, corrupt: Encoded, node_keys, deltas: dict, later, cache: dict, flops: dict
                   ) -> dict:
     """Frozen-norm fix of every later layer (after checking the layer's own path against the model's hooks)."""
@@ -824,6 +825,7 @@ def _frozen_fixes(model, store: dict, corrupt: Encoded, node_keys, deltas: dict,
     return fixes
 
 
+@torch.no_grad()
 def _exact_fixes(model, store: dict, corrupt: Encoded, named, deltas: dict, later, counter: Counter, flops: dict
                  ) -> dict:
     """Exact-recompute fix of every later layer: the model's own block to ``hook_z`` on write-shifted copies."""
