@@ -99,9 +99,8 @@ def main() -> None:
                                                            if method.startswith("atp-star") else [])
         for col in columns:
             agree = rank_agreement(runs[method], runs["exact"], value=col)
-            rows.append({"method": method, "column": col, "pairs": len(pairs), "seconds": seconds,
-                         **{k: v for k, v in runs[method].attrs.items() if isinstance(v, int | float | str)},
-                         **agree})
+            rows.append({**{k: v for k, v in runs[method].attrs.items() if isinstance(v, int | float | str)},
+                         "method": method, "column": col, "pairs": len(pairs), "seconds": seconds, **agree})
             print(f"  {col}: Spearman {agree['spearman']:.3f} (|.| {agree['spearman_abs']:.3f}); exact top 4 in "
                   f"top 6: {agree['exact_top4_in_top6']}/4; top exact {agree['top_exact_node']} "
                   f"{agree['top_exact_effect']:+.2f} vs {agree['top_exact_atp']:+.2f}", flush=True)
