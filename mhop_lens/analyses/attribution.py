@@ -387,10 +387,11 @@ def _atp_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Te
     return scores, m_clean, m_corrupt.detach()
 
 
-def _node_write(model, site: str, layer: int, delta: Tensor) -> Float[Tensor, "node batch pos d_model"]:
+def _node_write(model, site: str, layer: int, delta: Tensor, w_o_all: Tensor | None = None
+                ) -> Float[Tensor, "node batch pos d_model"]:
     """What a node's patch adds to the residual stream directly: per head ``delta_z @ W_O``, else ``delta``."""
     if site == "z":
-        w_o = model.W_O[layer].to(delta.device, delta.dtype)  # [head, d_head, d_model]
+        w_o = (model.W_O if w_o_all is None else w_o_all)[layer].to(delta.device, delta.dtype)  # [h, d_head, d]
         return torch.einsum("bphd,hdm->hbpm", delta, w_o)
     return delta.unsqueeze(0)
 
@@ -491,19 +492,32 @@ def frozen_norm_support(model) -> str | None:
     return None
 
 
-def _flat_qkv(model, layer: int) -> tuple[Tensor, Tensor, int, int]:
-    """Layer's q/k/v projections side by side: W [d_model, (n_heads + 2 n_kv) d_head], bias [(...)], n_kv."""
-    ws = [model.W_Q[layer], model.W_K[layer], model.W_V[layer]]  # [heads, d_model, d_head]
-    bias = []
-    for name, w in zip(("b_Q", "b_K", "b_V"), ws, strict=True):
-        try:
-            b = getattr(model, name)[layer]
-        except (AttributeError, IndexError, TypeError):
-            b = None
-        bias.append(torch.zeros(w.shape[0], w.shape[2]) if b is None or b.numel() == 0 else b)
-    flat = torch.cat([rearrange(w, "h m d -> m (h d)") for w in ws], -1).detach()
-    b = torch.cat([x.reshape(-1) for x in bias]).detach()
-    return flat, b, ws[0].shape[0], ws[1].shape[0]
+def _weights(model, cache: dict) -> dict:
+    """W_Q/W_K/W_V/W_O and q/k/v biases of every layer, detached, read once per ``attribute`` call (the bridge
+    rebuilds the stacked weights on every access)."""
+    if "weights" not in cache:
+        out = {name: getattr(model, name).detach() for name in ("W_Q", "W_K", "W_V", "W_O")}
+        for name in ("b_Q", "b_K", "b_V"):
+            try:
+                b = getattr(model, name)
+            except (AttributeError, TypeError):
+                b = None
+            out[name] = None if b is None or b.numel() == 0 else b.detach()
+        cache["weights"] = out
+    return cache["weights"]
+
+
+def _flat_qkv(model, layer: int, cache: dict) -> tuple[Tensor, Tensor, int, int]:
+    """Layer's q/k/v projections side by side: W [d_model, (n_heads + 2 n_kv) d_head], bias [(...)], n_heads, n_kv."""
+    key = ("qkv", layer)
+    if key not in cache:
+        w = _weights(model, cache)
+        ws = [w["W_Q"][layer], w["W_K"][layer], w["W_V"][layer]]  # [heads, d_model, d_head]
+        bias = [torch.zeros(x.shape[0], x.shape[2]) if w[n] is None else w[n][layer]
+                for n, x in zip(("b_Q", "b_K", "b_V"), ws, strict=True)]
+        flat = torch.cat([rearrange(x, "h m d -> m (h d)") for x in ws], -1)
+        cache[key] = (flat, torch.cat([x.reshape(-1) for x in bias]), ws[0].shape[0], ws[1].shape[0])
+    return cache[key]
 
 
 def _norm_params(model, layer: int) -> tuple[Tensor, Tensor | None, bool]:
@@ -561,15 +575,14 @@ def _attention_setup(model, layer: int) -> tuple[float, float]:
 
 
 def _check_frozen_layer(model, layer: int, fl: _FrozenLayer, resid_pre: Tensor, z: Tensor, allowed: Tensor,
-                        real: Tensor) -> Tensor:
+                        real: Tensor, cache: dict) -> Tensor:
     """Recompute q/k/v from ``resid_pre`` through the norm and the flat projection and z from them; raise
     ``_Unsupported`` unless both match the model's own hooks on real positions. Returns the base z (own path)."""
     w_ln, b_ln, centre = _norm_params(model, layer)
-    flat, bias, h, kv = _flat_qkv(model, layer)
+    flat, bias, _, _ = _flat_qkv(model, layer, cache)
     x = resid_pre - resid_pre.mean(-1, keepdim=True) if centre else resid_pre
     normed = x / fl.scale * w_ln + (b_ln if b_ln is not None else 0)
     qkv = normed @ flat + bias
-    d = model.cfg.d_head
     mine = torch.cat([fl.q.flatten(-2), fl.k.flatten(-2), fl.v.flatten(-2)], -1)
     tol = FROZEN_NORM_TOL * (1 + float(mine[real].abs().max()))
     if float((qkv - mine)[real].abs().max()) > tol:
@@ -579,7 +592,6 @@ def _check_frozen_layer(model, layer: int, fl: _FrozenLayer, resid_pre: Tensor, 
     tol = FROZEN_NORM_TOL * (1 + float(z[real].abs().max()))
     if float((base - z)[real].abs().max()) > tol:
         raise _Unsupported(f"layer {layer}: scores / softmax / rotary do not reproduce hook_z")
-    del d, h, kv
     return base
 
 
@@ -595,7 +607,8 @@ def _frozen_norm_fix(model, layer: int, fl: _FrozenLayer, base_z: Tensor, nodes:
     d_model write. Rotary is linear per position: applied to q + dq and k + dk. Returns (node ids, dz [n b pos h d],
     {("q"|"k"|"v", layer): change [n b pos ...]}) and adds the matmul FLOPs to ``flops``."""
     w_ln, _, centre = _norm_params(model, layer)
-    flat, _, h, kv = _flat_qkv(model, layer)
+    flat, _, h, kv = _flat_qkv(model, layer, cache)
+    w_o_all = _weights(model, cache)["W_O"]
     d_model, dh = flat.shape[0], model.cfg.d_head
     width = flat.shape[1]
     b, pos = fl.q.shape[:2]
@@ -610,14 +623,14 @@ def _frozen_norm_fix(model, layer: int, fl: _FrozenLayer, base_z: Tensor, nodes:
             low_rank = key in cache or n_tok * (dh * d_model + d_model * width - dh * width) > dh * d_model * width
             if low_rank:
                 if key not in cache:
-                    w_o = model.W_O[l].detach()  # [h, d_head, d_model]
+                    w_o = w_o_all[l]  # [h, d_head, d_model]
                     w_o = w_o - w_o.mean(-1, keepdim=True) if centre else w_o
                     cache[key] = torch.einsum("hdm,mp->hdp", w_o * w_ln, flat)
                     flops["precompute"] += 2 * w_o.shape[0] * dh * d_model * width
                 change = torch.einsum("bphd,hdw->hbpw", delta, cache[key])
                 flops["qkv"] += 2 * delta.shape[2] * n_tok * dh * width
             else:
-                write = _node_write(model, site, l, delta)
+                write = torch.einsum("bphd,hdm->hbpm", delta, w_o_all[l].to(delta.dtype))
                 write = write - write.mean(-1, keepdim=True) if centre else write
                 change = (write * w_ln) @ flat
                 flops["qkv"] += 2 * write.shape[0] * n_tok * (dh * d_model + d_model * width)
@@ -817,7 +830,7 @@ def _frozen_fixes(model, store: dict, corrupt: Encoded, node_keys, deltas: dict,
         fl = _FrozenLayer(*(store[(x, layer)].detach() for x in ("q", "k", "v", "scale")),
                           *((store[(x, layer)].detach() for x in ("cos", "sin")) if rotary else (None, None)))
         z = store[("zall", layer)].detach()
-        base = _check_frozen_layer(model, layer, fl, store[("pre", layer)].detach(), z, allowed, real)
+        base = _check_frozen_layer(model, layer, fl, store[("pre", layer)].detach(), z, allowed, real, cache)
         flops["check"] += layer_flops(model, b, pos)["qkv"] + layer_flops(model, b, pos)["attention"]
         ids, dz, lin = _frozen_norm_fix(model, layer, fl, base, node_keys, deltas, allowed, cache, flops)
         if ids:
@@ -831,7 +844,9 @@ def _exact_fixes(model, store: dict, corrupt: Encoded, named, deltas: dict, late
     """Exact-recompute fix of every later layer: the model's own block to ``hook_z`` on write-shifted copies."""
     b, pos = corrupt.tokens.shape
     parts = layer_flops(model, b, pos)
-    writes_of = {(s, l): _node_write(model, s, l, deltas[(s, l)]) for s, l, _ in named if l < model.cfg.n_layers - 1}
+    w_o = model.W_O.detach()
+    writes_of = {(s, l): _node_write(model, s, l, deltas[(s, l)], w_o) for s, l, _ in named
+                 if l < model.cfg.n_layers - 1}
     flops["writes"] += sum(parts["o"] for s, l, _ in named if s == "z" and (s, l) in writes_of)
     copies = min(sum(w.shape[0] for w in writes_of.values()), max(1, QK_ROWS // b))
     captured = _block_args(model, corrupt.tokens.shape[1], corrupt.attention_mask, max(1, copies))
