@@ -200,12 +200,18 @@ def test_resid_post_is_the_resid_site(tiny_models):
 
 def test_atp_star_frozen_norm_passes_and_flops(tiny_models):
     """Frozen-norm AtP*: 2 forwards + 1 backward at the model's input / output (no block calls, no capture forward),
-    L-1 partial backwards and L-1 fix passes; the claimed FLOPs bracket torch's own count of every matmul run
-    (forwards and fixes exact by formula, backwards claimed at 2x the forward FLOPs: an upper bound), and the
-    unit (one forward) is exactly torch's count of a forward."""
+    L-1 partial backwards and L-1 fix passes. The claimed matmul FLOPs (``forward_equivalents`` x one forward) equal
+    torch's own count of every matmul run (``FlopCounterMode``: forwards, activation-gradient backwards, fix
+    passes), for both QK fixes, AtP and exact patching; the unit is torch's count of one forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from mhop_lens.forward import run
+
+    def counted(fn, *args, **kw):
+        with FlopCounterMode(display=False) as fc:
+            frame = fn(*args, **kw)
+        claimed = frame.attrs["forward_equivalents_per_batch"] * frame.attrs["flops_forward_unit"]
+        return frame, fc.get_total_flops(), claimed
 
     for arch in ("gpt2", "llama", "neox"):
         model = tiny_models[arch]
@@ -215,9 +221,9 @@ def test_atp_star_frozen_norm_passes_and_flops(tiny_models):
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             run(model, enc)
         assert fc.get_total_flops() == forward_flops(model, *enc.tokens.shape), arch
-        with independent_pass_count(model) as counts, FlopCounterMode(display=False) as fc:
-            frame = attribute(model, clean, corrupt, metric, sites=("z", "mlp_out"), method="atp-star",
-                              batch_size=len(clean))
+        args, kw = (model, clean, corrupt, metric), dict(sites=("z", "mlp_out"), batch_size=len(clean))
+        with independent_pass_count(model) as counts:
+            frame, measured, claimed = counted(attribute, *args, method="atp-star", **kw)
         a = frame.attrs
         n_layers = model.cfg.n_layers
         assert a["qk_fix_used"] == "frozen-norm", (arch, a["qk_fix_used"])
@@ -225,12 +231,14 @@ def test_atp_star_frozen_norm_passes_and_flops(tiny_models):
         assert a["partial_backwards_per_batch"] == n_layers - 1 and a["qk_passes_per_batch"] == n_layers - 1
         assert "capture_forwards" not in a
         assert a["flops_forward_unit"] == forward_flops(model, *enc.tokens.shape)
-        claimed = a["forward_equivalents_per_batch"] * a["flops_forward_unit"]
-        backward = a["flops_backward"] + a["flops_partial_backward"]
-        measured = fc.get_total_flops()
-        assert claimed - backward < measured <= claimed, (arch, measured, claimed, backward)
-        exact = exact_patching(model, clean, corrupt, metric, sites=("z", "mlp_out"), batch_size=len(clean))
-        assert a["forward_equivalents_per_batch"] < exact.attrs["forward_equivalents_per_batch"]
+        assert measured == pytest.approx(claimed, rel=1e-9), (arch, measured, claimed)
+        assert a["forward_equivalents_2x_backward_per_batch"] > a["forward_equivalents_per_batch"]
+        for fn, extra in ((attribute, dict(method="atp-star", qk_fix="exact")), (attribute, {}),
+                          (exact_patching, {})):
+            other, measured, claimed = counted(fn, *args, **kw, **extra)
+            assert measured == pytest.approx(claimed, rel=1e-9), (arch, other.attrs["method"], measured, claimed)
+            if other.attrs["method"] == "exact":
+                assert a["forward_equivalents_per_batch"] < other.attrs["forward_equivalents_per_batch"]
         assert all(p.grad is None for p in model.parameters())
         assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
 

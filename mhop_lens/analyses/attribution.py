@@ -142,12 +142,16 @@ def cost_line(attrs: dict) -> str:
     line += f" per batch = {attrs['forward_equivalents_per_batch']:.1f} forward-equivalents"
     if attrs.get("flops_forward_unit"):
         unit = attrs["flops_forward_unit"]
-        parts = {"fwd+bwd": attrs["flops_forward_per_batch"] + attrs["flops_backward_per_batch"],
-                 "GradDrop": attrs["flops_partial_backward_per_batch"],
-                 "QK fix": sum(attrs[f"flops_{k}_per_batch"] for k in ("qkv", "attention", "check", "writes",
-                                                                       "score_terms")),
-                 "W_O W_QKV": attrs["flops_precompute_per_batch"]}
-        line += " (matmul FLOPs / one forward: " + ", ".join(f"{k} {v / unit:.2f}" for k, v in parts.items()) + ")"
+        partial = attrs.get("flops_partial_backward_per_batch", 0.0)
+        fix = sum(attrs.get(f"flops_{k}_per_batch", 0.0) for k in ("qkv", "attention", "check", "writes",
+                                                                   "score_terms", "precompute"))
+        parts = {"forwards": attrs["flops_forward_per_batch"] - fix, "backward": attrs["flops_backward_per_batch"]
+                 - partial, "GradDrop": partial, "QK fix": fix - attrs.get("flops_precompute_per_batch", 0.0),
+                 "W_O W_QKV": attrs.get("flops_precompute_per_batch", 0.0)}
+        line += " (matmul FLOPs / one forward: " + ", ".join(f"{k} {v / unit:.2f}" for k, v in parts.items() if v)
+        if attrs["flops_backward_per_batch"]:
+            line += f"; {attrs['forward_equivalents_2x_backward_per_batch']:.1f} with backwards at 2x a forward"
+        line += ")"
     return line
 
 
@@ -323,15 +327,18 @@ def attribute(
             frame = _frame(reduced, batch.rows, pair_ids, roles if spans is not None else None, COLUMN[method])
         frames.append(with_metrics(frame, batch, m_clean, m_corrupt))
     out = pd.concat(frames, ignore_index=True)
-    fe = {"atp": 2 + BACKWARD_FACTOR, "ig": 2 + (1 + BACKWARD_FACTOR) * ig_steps * len(named)}.get(method)
-    extra = {}
-    if method == "atp-star":  # matmul FLOPs over one forward of the same batch (``_atp_star_batch``)
-        unit = counter.extra.pop("flops_unit") / len(frames)
-        fe = sum(v for k, v in counter.extra.items() if k.startswith("flops_")) / unit / len(frames)
-        used = {"exact"} if counter.notes or qk_fix == "exact" else {"frozen-norm"}
-        extra = dict(qk_fix=qk_fix, qk_fix_used=("exact (fallback: " + counter.notes[0] + ")") if counter.notes
-                     else used.pop(), flops_forward_unit=unit)
-    counter.extra.setdefault("forward_equivalents", fe * len(frames))
+    # matmul FLOPs over one forward of the same batch: what runs (activation-gradient backwards), and the usual
+    # 2x-backward convention beside it
+    unit = counter.extra.pop("flops_unit") / len(frames)
+    run_flops = counter.extra["flops_forward"] + counter.extra["flops_backward"]
+    counter.extra["forward_equivalents"] = run_flops / unit
+    counter.extra["forward_equivalents_2x_backward"] = (counter.extra["flops_forward"]
+                                                        + counter.extra.pop("flops_backward_2x")) / unit
+    extra = dict(flops_forward_unit=unit)
+    if method == "atp-star":
+        used = "exact" if qk_fix == "exact" else "frozen-norm"
+        extra.update(qk_fix=qk_fix, qk_fix_used=("exact (fallback: " + counter.notes[0] + ")") if counter.notes
+                     else used)
     out.attrs.update(pass_counts(counter, len(frames)), ig_steps=ig_steps if method == "ig" else 0, method=method,
                      **extra)
     return out
@@ -378,6 +385,9 @@ def _atp_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Te
         m_corrupt = metric(end_logits(logits, corrupt), rows)
         keys = list(store)
         grads = torch.autograd.grad(m_corrupt.sum(), [store[k] for k in keys], allow_unused=True)
+    b, pos = corrupt.tokens.shape
+    unit = forward_flops(model, b, pos)
+    _add_flops(counter, 2 * unit, backward_flops(model, b, pos, _earliest(keys)), unit, BACKWARD_FACTOR * unit)
     scores = {}
     for key, g in zip(keys, grads, strict=True):
         act = store[key].detach()
@@ -655,7 +665,7 @@ def _frozen_norm_fix(model, layer: int, fl: _FrozenLayer, base_z: Tensor, nodes:
         q = _rotate(fl.q + dq[sl], fl.cos, fl.sin)
         k = _rotate(fl.k + dk[sl], fl.cos, fl.sin)
         dz.append(_attend(q, k, fl.v + dv[sl], allowed, scaling, cap) - base_z)
-    flops["attention"] += 4 * (len(ids) + 1) * b * pos * pos * h * dh
+    flops["attention"] += 4 * len(ids) * b * pos * pos * h * dh
     return ids, torch.cat(dz), {("q", layer): dq, ("k", layer): dk, ("v", layer): dv}
 
 
@@ -670,16 +680,48 @@ def layer_flops(model, batch: int, pos: int) -> dict[str, float]:
             "mlp": 2.0 * n_tok * d * cfg.d_mlp * (3 if getattr(cfg, "gated_mlp", False) else 2)}
 
 
-def forward_flops(model, batch: int, pos: int) -> float:
-    """Matmul FLOPs of one forward on ``batch`` x ``pos`` tokens (every block and the unembedding): the unit of
-    ``forward_equivalents``."""
+def forward_flops(model, batch: int, pos: int, last_only: bool = False) -> float:
+    """Matmul FLOPs of one forward on ``batch`` x ``pos`` tokens (every block and the unembedding of every position,
+    or of one per row with ``last_only``, as ``forward.logits_at``): the unit of ``forward_equivalents`` (all
+    positions unembedded)."""
     return model.cfg.n_layers * sum(layer_flops(model, batch, pos).values()) \
-        + 2.0 * batch * pos * model.cfg.d_model * model.cfg.d_vocab
+        + 2.0 * batch * (1 if last_only else pos) * model.cfg.d_model * model.cfg.d_vocab
 
 
-#: FLOPs of a backward (full or partial) per forward FLOP of the blocks it runs through (gradients wrt activations
-#: and weights, the usual convention; ours wants activation gradients only, so this is an upper bound).
+#: The usual convention: a backward (gradients wrt activations and weights) costs 2x the forward FLOPs of the blocks
+#: it runs through. Reported beside the count of what runs (``forward_equivalents_2x_backward``).
 BACKWARD_FACTOR = 2.0
+_SITE_ORDER = {"z": 0, "mlp_out": 1, "resid_post": 2}
+
+
+def backward_flops(model, batch: int, pos: int, earliest: tuple[str, int], top: int | None = None) -> float:
+    """Matmul FLOPs of a backward computing activation gradients only (weights get none): from the logits
+    (``top=None``, through the unembedding) or from ``resid_pre`` of block ``top``, down to the earliest requested
+    node ``earliest = (site, layer)``. A block fully run through costs 1x the forward FLOPs of its linear maps
+    (gradient wrt their input) and 2x its attention products (wrt both operands); the earliest node's own block
+    only what lies after the node (``z``: output projection, and the MLP unless attention and MLP run in parallel;
+    ``mlp_out`` / ``resid_post``: nothing)."""
+    parts = layer_flops(model, batch, pos)
+    full = parts["qkv"] + parts["o"] + parts["mlp"] + 2 * parts["attention"]
+    site, first = earliest
+    top = model.cfg.n_layers if top is None else top
+    if top <= first:
+        return 0.0
+    after_z = parts["o"] + (0.0 if getattr(model.cfg, "parallel_attn_mlp", False) else parts["mlp"])
+    out = max(0, top - first - 1) * full + (after_z if site == "z" else 0.0)
+    if top == model.cfg.n_layers:
+        out += 2.0 * batch * pos * model.cfg.d_model * model.cfg.d_vocab
+    return out
+
+
+def _earliest(keys) -> tuple[str, int]:
+    return min(((s, l) for s, l in keys), key=lambda k: (k[1], _SITE_ORDER.get(k[0], 3)))
+
+
+def _add_flops(counter: Counter, forward: float, backward: float, unit: float, backward_2x: float) -> None:
+    """Accumulate a batch's forward / backward matmul FLOPs, its unit (one forward) and the 2x-convention backward."""
+    for k, v in (("forward", forward), ("backward", backward), ("unit", unit), ("backward_2x", backward_2x)):
+        counter.extra[f"flops_{k}"] = counter.extra.get(f"flops_{k}", 0.0) + v
 
 
 def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Tensor, named,
@@ -737,10 +779,10 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
     b, pos = corrupt.tokens.shape
     unit = forward_flops(model, b, pos)
     per_layer = sum(layer_flops(model, b, pos).values())
-    flops = {k: 0.0 for k in ("forward", "backward", "partial_backward", "qkv", "attention", "precompute", "check",
-                              "writes", "score_terms")}
-    flops["forward"] += 2 * unit
-    flops["backward"] += BACKWARD_FACTOR * unit
+    flops = {k: 0.0 for k in ("partial_backward", "qkv", "attention", "precompute", "check", "writes",
+                              "score_terms")}
+    earliest = _earliest(node_keys)
+    backward_2x = BACKWARD_FACTOR * unit
     with torch.enable_grad():
         logits = run(model, corrupt, fwd)
         m_corrupt = metric(end_logits(logits, corrupt), rows)
@@ -793,7 +835,8 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
                 partial = {k: torch.zeros_like(store[k]) if g is None else g for k, g in zip(below, got, strict=True)}
                 counter.extra["partial_backwards"] = counter.extra.get("partial_backwards", 0) + 1
                 counter.extra["partial_backward_layers"] = counter.extra.get("partial_backward_layers", 0) + drop
-                flops["partial_backward"] += BACKWARD_FACTOR * drop * per_layer
+                flops["partial_backward"] += backward_flops(model, b, pos, earliest, top=drop)
+                backward_2x += BACKWARD_FACTOR * drop * per_layer
             g = {**grads, **partial}
             dropped = corrected({k: g[k] for k in node_keys}, g, [l for l in later if l != drop])
             for k in node_keys:
@@ -804,7 +847,9 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
     model.zero_grad(set_to_none=True)
     for k, v in flops.items():
         counter.extra[f"flops_{k}"] = counter.extra.get(f"flops_{k}", 0.0) + v
-    counter.extra["flops_unit"] = counter.extra.get("flops_unit", 0.0) + unit
+    fixes_total = sum(v for k, v in flops.items() if k != "partial_backward")
+    _add_flops(counter, 2 * unit + fixes_total, backward_flops(model, b, pos, earliest) + flops["partial_backward"],
+               unit, backward_2x)
     return (star, {"atp_star_gd": gd, "atp": {k: v.sum(1, keepdim=True) for k, v in plain.items()}}), m_clean, \
         m_corrupt.detach()
 
@@ -887,6 +932,8 @@ def _ig_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Ten
     """Integrated gradients per (layer, site): 2 + n_sites forwards, n_sites backwards on ig_steps x batch rows."""
     clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
     corrupt_acts, m_corrupt = _clean_cache(model, corrupt, named, counter, metric, rows)
+    unit = forward_flops(model, *corrupt.tokens.shape)
+    _add_flops(counter, 2 * unit, 0.0, unit, 0.0)
     alphas = (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps
     tokens = corrupt.repeat(ig_steps)
     scores = {}
@@ -898,6 +945,10 @@ def _ig_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Ten
             logits = run(model, tokens, fwd + counting_hooks(counter))
             m = metric(end_logits(logits, corrupt, ig_steps), rows.repeat(ig_steps))
             (g,) = torch.autograd.grad(m.sum(), [store[key]])
+        b, pos = corrupt.tokens.shape
+        unit = forward_flops(model, b, pos)
+        _add_flops(counter, ig_steps * unit, ig_steps * backward_flops(model, b, pos, key), 0.0,
+                   BACKWARD_FACTOR * ig_steps * unit)
         mean_grad = reduce(g, "(step b) ... -> b ...", "mean", step=ig_steps)
         scores[key] = _node_scores(site, clean_acts[key] - corrupt_acts[key], mean_grad)
     model.zero_grad(set_to_none=True)
@@ -953,6 +1004,9 @@ def exact_patching(
         clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
         m_corrupt = metric(logits_at(model, corrupt, counting_hooks(counter)), rows)
         b = len(rows)
+        width = corrupt.tokens.shape[1]
+        unit = forward_flops(model, b, width)
+        _add_flops(counter, unit + (1 + len(nodes)) * forward_flops(model, b, width, last_only=True), 0.0, unit, 0.0)
         per_fwd = max(1, max_rows // b)
         effects: dict[tuple[str, int], Tensor] = {}
         for i in range(0, len(nodes), per_fwd):
@@ -969,8 +1023,12 @@ def exact_patching(
         counter.seconds += time.perf_counter() - t0
         frames.append(with_metrics(_frame(effects, rows, pair_ids, None, "exact"), batch, m_clean, m_corrupt))
     out = pd.concat(frames, ignore_index=True)
-    counter.extra["forward_equivalents"] = (2 + len(nodes)) * len(frames)
-    out.attrs.update(pass_counts(counter, len(frames)), rows_per_forward=max_rows, method="exact")
+    unit = counter.extra.pop("flops_unit") / len(frames)  # matmul FLOPs over one (all-position) forward
+    counter.extra.pop("flops_backward_2x")
+    counter.extra["forward_equivalents"] = counter.extra["flops_forward"] / unit
+    counter.extra["forward_equivalents_2x_backward"] = counter.extra["forward_equivalents"]  # no backward
+    out.attrs.update(pass_counts(counter, len(frames)), rows_per_forward=max_rows, method="exact",
+                     flops_forward_unit=unit, forward_passes_per_batch=2 + len(nodes))
     return out
 
 
