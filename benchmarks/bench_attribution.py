@@ -8,9 +8,11 @@ Settings (each skipped with a note when its model is missing):
 - ``gpt2-small-shape``: a random 12-layer, 768-d, 12-head GPT-2 on two-hop-style prompts (cost at real width).
 
 AtP* (``method="atp-star"``) is timed beside AtP with both QK fixes (``frozen-norm``, the default, and ``exact``),
-each with its passes per batch and forward-equivalents (matmul FLOPs over one forward of the batch, a backward
-counted as 2x the forward FLOPs of the blocks it runs through); ``star_flop_ratio`` = exact patching's
-forward-equivalents / AtP*'s (the cost acceptance), ``star_speedup`` = exact time / AtP* time in the same run.
+each with its passes per batch and forward-equivalents (matmul FLOPs actually run over one forward of the batch,
+activation-gradient backwards included; equal to torch's ``FlopCounterMode``, tests/test_attribution.py);
+``star_flop_ratio`` = exact patching's forward-equivalents / AtP*'s (the cost acceptance),
+``star_flop_ratio_2x_backward`` the same with backwards counted at 2x a forward, ``star_speedup`` = exact time /
+AtP* time in the same run.
 Run: ``python benchmarks/bench_attribution.py [--quick] [--settings gpt2-small-shape]
 [--out results.json]``. Ratios compare runs made here.
 """
@@ -96,6 +98,8 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
            "star_qk_fix_used": star.attrs["qk_fix_used"],
            "star_flop_ratio": exact.attrs["forward_equivalents_per_batch"]
            / star.attrs["forward_equivalents_per_batch"],
+           "star_flop_ratio_2x_backward": exact.attrs["forward_equivalents_per_batch"]
+           / star.attrs["forward_equivalents_2x_backward_per_batch"],
            "star_exact_s": t_star_x, "star_exact_cost": cost_line(star_x.attrs),
            "star_exact_forward_equivalents_per_batch": star_x.attrs["forward_equivalents_per_batch"],
            "star_exact_flop_ratio": exact.attrs["forward_equivalents_per_batch"]
