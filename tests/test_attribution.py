@@ -294,5 +294,17 @@ def test_atp_star_frozen_norm_falls_back_where_unsupported(tiny_models, monkeypa
     monkeypatch.setattr(attribution, "frozen_norm_support", lambda m: "ALiBi (test)")
     frame = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star")
     assert frame.attrs["qk_fix_used"] == "exact (fallback: ALiBi (test))"
+    monkeypatch.undo()
+
+    def fail(*args, **kwargs):
+        raise attribution._Unsupported("layer 1: scores do not reproduce hook_z (test)")
+
+    monkeypatch.setattr(attribution, "_check_frozen_layer", fail)
+    metric = _metric(model, len(clean))
+    frame = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", batch_size=1)
+    exact = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", qk_fix="exact", batch_size=1)
+    assert frame.attrs["qk_fix_used"].startswith("exact (fallback: layer 1")
+    assert np.allclose(frame["atp_star"], exact["atp_star"], atol=1e-6)
+    assert frame.attrs["forwards"] == exact.attrs["forwards"] + 2  # only the first batch ran its forwards twice
     with pytest.raises(ValueError, match="QK fix"):
         attribute(model, clean, corrupt, _metric(model, len(clean)), method="atp-star", qk_fix="bogus")

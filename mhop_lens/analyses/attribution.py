@@ -756,6 +756,8 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
     """
     n_layers = model.cfg.n_layers
     cache = {} if cache is None else cache
+    if "unsupported" in cache:  # an earlier batch of this call failed the check: no second try
+        qk_fix = "exact"
     clean_acts, m_clean = _clean_cache(model, clean, named, counter, metric, rows)
     store: dict = {}
     _, root = grad_root()
@@ -798,8 +800,9 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
         if frozen:
             try:
                 fixes = _frozen_fixes(model, store, corrupt, node_keys, deltas, later, cache, flops)
-            except _Unsupported as e:
+            except _Unsupported as e:  # this batch's passes are run again by the exact recompute
                 counter.notes.append(str(e))
+                cache["unsupported"] = str(e)
                 return _atp_star_batch(model, clean, corrupt, metric, rows, named, counter, _ig_steps, "exact",
                                        cache, delta_scale)
         else:
