@@ -499,6 +499,12 @@ def frozen_norm_support(model) -> str | None:
         return f"positional embedding {cfg.positional_embedding_type!r} (frozen-norm handles standard / rotary)"
     if attention_windows(model):
         return "sliding / local attention windows"
+    needed = ["ln1.hook_scale"] + [f"attn.hook_{x}" for x in "qkv"]
+    if cfg.positional_embedding_type == "rotary":
+        needed += ["attn.hook_cos", "attn.hook_sin"]
+    missing = [n for l in range(1, cfg.n_layers) for n in needed if f"blocks.{l}.{n}" not in model.hook_dict]
+    if missing:
+        return f"no hook {missing[0]} (pre-attention norm scale, q/k/v or rotary cos/sin)"
     return None
 
 
@@ -585,7 +591,7 @@ def _attention_setup(model, layer: int) -> tuple[float, float]:
 
 
 def _check_frozen_layer(model, layer: int, fl: _FrozenLayer, resid_pre: Tensor, z: Tensor, allowed: Tensor,
-                        real: Tensor, cache: dict) -> Tensor:
+                        real: Tensor, cache: dict, flops: dict) -> Tensor:
     """Recompute q/k/v from ``resid_pre`` through the norm and the flat projection and z from them; raise
     ``_Unsupported`` unless both match the model's own hooks on real positions. Returns the base z (own path)."""
     w_ln, b_ln, centre = _norm_params(model, layer)
@@ -593,12 +599,14 @@ def _check_frozen_layer(model, layer: int, fl: _FrozenLayer, resid_pre: Tensor, 
     x = resid_pre - resid_pre.mean(-1, keepdim=True) if centre else resid_pre
     normed = x / fl.scale * w_ln + (b_ln if b_ln is not None else 0)
     qkv = normed @ flat + bias
+    flops["check"] += 2.0 * qkv.shape[0] * qkv.shape[1] * flat.shape[0] * flat.shape[1]
     mine = torch.cat([fl.q.flatten(-2), fl.k.flatten(-2), fl.v.flatten(-2)], -1)
     tol = FROZEN_NORM_TOL * (1 + float(mine[real].abs().max()))
     if float((qkv - mine)[real].abs().max()) > tol:
         raise _Unsupported(f"layer {layer}: norm / q,k,v projection do not reproduce hook_q/k/v")
     base = _attend(_rotate(fl.q, fl.cos, fl.sin)[None], _rotate(fl.k, fl.cos, fl.sin)[None], fl.v[None], allowed,
                    *_attention_setup(model, layer))[0]
+    flops["check"] += 4.0 * fl.q.shape[0] * fl.q.shape[1] ** 2 * fl.q.shape[2] * fl.q.shape[3]
     tol = FROZEN_NORM_TOL * (1 + float(z[real].abs().max()))
     if float((base - z)[real].abs().max()) > tol:
         raise _Unsupported(f"layer {layer}: scores / softmax / rotary do not reproduce hook_z")
@@ -803,6 +811,10 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
             except _Unsupported as e:  # this batch's passes are run again by the exact recompute
                 counter.notes.append(str(e))
                 cache["unsupported"] = str(e)
+                for k, v in flops.items():
+                    counter.extra[f"flops_{k}"] = counter.extra.get(f"flops_{k}", 0.0) + v
+                _add_flops(counter, 2 * unit + sum(v for k, v in flops.items() if k != "partial_backward"),
+                           backward_flops(model, b, pos, earliest), 0.0, backward_2x)
                 return _atp_star_batch(model, clean, corrupt, metric, rows, named, counter, _ig_steps, "exact",
                                        cache, delta_scale)
         else:
@@ -878,8 +890,7 @@ def _frozen_fixes(model, store: dict, corrupt: Encoded, node_keys, deltas: dict,
         fl = _FrozenLayer(*(store[(x, layer)].detach() for x in ("q", "k", "v", "scale")),
                           *((store[(x, layer)].detach() for x in ("cos", "sin")) if rotary else (None, None)))
         z = store[("zall", layer)].detach()
-        base = _check_frozen_layer(model, layer, fl, store[("pre", layer)].detach(), z, allowed, real, cache)
-        flops["check"] += layer_flops(model, b, pos)["qkv"] + layer_flops(model, b, pos)["attention"]
+        base = _check_frozen_layer(model, layer, fl, store[("pre", layer)].detach(), z, allowed, real, cache, flops)
         ids, dz, lin = _frozen_norm_fix(model, layer, fl, base, node_keys, deltas, allowed, cache, flops)
         if ids:
             fixes[layer] = (ids, dz, lin)
