@@ -779,7 +779,8 @@ def _atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, row
         if model.cfg.positional_embedding_type == "rotary":
             fwd += [(f"blocks.{l}.attn.hook_{x}", capture_into(store, (x, l))) for l in later for x in ("cos", "sin")]
     else:
-        fwd += [(f"blocks.{l}.ln1.hook_in", _attention_input(store, ("attn_in", l))) for l in later]
+        fwd += [(f"blocks.{l}.attn.hook_in" if _shared_norm(model, l) else f"blocks.{l}.ln1.hook_in",
+                 _attention_input(store, ("attn_in", l))) for l in later]
     fwd += [(hooks.resid(l, "pre"), capture_into(store, ("pre", l))) for l in range(n_layers)]
     fwd += [(hooks.resid(l, "post"), capture_into(store, ("post", l))) for l in range(n_layers)]
     fwd += counting_hooks(counter)
@@ -897,6 +898,12 @@ def _frozen_fixes(model, store: dict, corrupt: Encoded, node_keys, deltas: dict,
     return fixes
 
 
+def _shared_norm(model, layer: int) -> bool:
+    """Attention and MLP read one norm's output (parallel blocks without ``ln2``: Phi, Falcon, GPT-J, Cohere): the
+    gradient at ``ln1``'s input would carry the MLP's path too, so the exact fix reads the attention's own input."""
+    return f"blocks.{layer}.ln2.hook_in" not in model.hook_dict
+
+
 @torch.no_grad()
 def _exact_fixes(model, store: dict, corrupt: Encoded, named, deltas: dict, later, counter: Counter, flops: dict
                  ) -> dict:
@@ -922,6 +929,10 @@ def _exact_fixes(model, store: dict, corrupt: Encoded, named, deltas: dict, late
         counter.extra["qk_block_rows"] = counter.extra.get("qk_block_rows", 0) + len(ids)
         flops["qkv"] += len(ids) * parts["qkv"]
         flops["attention"] += len(ids) * parts["attention"]
+        if _shared_norm(model, layer):  # the attention's own (normed) input: the write through ln1, linearised
+            norm = model.blocks[layer].ln1.original_component
+            x = store[("pre", layer)].detach().expand_as(writes).contiguous()
+            writes = torch.func.jvp(norm, (x,), (writes,))[1]
         fixes[layer] = (ids, z_new - store[("zall", layer)].detach(), {("attn_in", layer): writes})
     return fixes
 
