@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mhop_lens import hooks
+from mhop_lens.analyses.hf_compat import architecture
 from mhop_lens.analyses.metrics import Metric
 from mhop_lens.errors import DataError, SpanError
 from mhop_lens.forward import logits_at, run
@@ -300,6 +301,9 @@ def attribute(
     frames = []
     if qk_fix not in QK_FIXES:
         raise ValueError(f"unknown AtP* QK fix {qk_fix!r}; choose from {QK_FIXES}.")
+    if method == "atp-star" and model.cfg.n_layers > 1 and "blocks.1.ln1.hook_in" not in model.hook_dict:
+        raise DataError(f"AtP* needs a norm in front of each attention layer (blocks.N.ln1); "
+                        f"{architecture(model)} has none (post-norm blocks). Use method 'atp' or 'ig'.")
     if method == "atp-star" and qk_fix == "frozen-norm" and (why := frozen_norm_support(model)):
         counter.notes.append(why)
         qk_fix_run = "exact"
