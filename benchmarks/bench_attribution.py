@@ -7,9 +7,13 @@ Settings (each skipped with a note when its model is missing):
 - ``tiny``: a tiny random GPT-2 (word vocabulary) on GAR Yes/No counter-pairs (mechanics only);
 - ``gpt2-small-shape``: a random 12-layer, 768-d, 12-head GPT-2 on two-hop-style prompts (cost at real width).
 
-AtP* (``method="atp-star"``) is timed beside AtP with its passes per batch and forward-equivalents (a backward =
-2 forwards, a partial backward or recompute pass by the share of blocks it runs); ``star_speedup`` = exact time /
-AtP* time in the same run. Run: ``python benchmarks/bench_attribution.py [--quick] [--settings gpt2-small-shape]
+AtP* (``method="atp-star"``) is timed beside AtP with both QK fixes (``frozen-norm``, the default, and ``exact``),
+each with its passes per batch and forward-equivalents (matmul FLOPs actually run over one forward of the batch,
+activation-gradient backwards included; equal to torch's ``FlopCounterMode``, tests/test_attribution.py);
+``star_flop_ratio`` = exact patching's forward-equivalents / AtP*'s (the cost acceptance),
+``star_flop_ratio_2x_backward`` the same with backwards counted at 2x a forward, ``star_speedup`` = exact time /
+AtP* time in the same run.
+Run: ``python benchmarks/bench_attribution.py [--quick] [--settings gpt2-small-shape]
 [--out results.json]``. Ratios compare runs made here.
 """
 
@@ -76,6 +80,11 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
     star = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, method="atp-star")
     t_star = time.perf_counter() - t0
     star_agree = rank_agreement(star, exact, value="atp_star")
+    t0 = time.perf_counter()
+    star_x = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, method="atp-star",
+                       qk_fix="exact")
+    t_star_x = time.perf_counter() - t0
+    star_x_agree = rank_agreement(star_x, exact, value="atp_star")
     row = {"setting": name, "pairs": len(clean), "heads": model.cfg.n_layers * model.cfg.n_heads,
            "atp_s": t_atp, "atp_forwards_per_batch": atp.attrs["forwards_per_batch"],
            "atp_backwards_per_batch": atp.attrs["backwards_per_batch"], "exact_s": t_exact,
@@ -86,6 +95,17 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
            "exact_forward_equivalents_per_batch": exact.attrs["forward_equivalents_per_batch"],
            "star_spearman": star_agree["spearman"], "star_spearman_abs": star_agree["spearman_abs"],
            "star_top_exact_atp": star_agree["top_exact_atp"], "star_cost": cost_line(star.attrs),
+           "star_qk_fix_used": star.attrs["qk_fix_used"],
+           "star_flop_ratio": exact.attrs["forward_equivalents_per_batch"]
+           / star.attrs["forward_equivalents_per_batch"],
+           "star_flop_ratio_2x_backward": exact.attrs["forward_equivalents_per_batch"]
+           / star.attrs["forward_equivalents_2x_backward_per_batch"],
+           "star_exact_s": t_star_x, "star_exact_cost": cost_line(star_x.attrs),
+           "star_exact_forward_equivalents_per_batch": star_x.attrs["forward_equivalents_per_batch"],
+           "star_exact_flop_ratio": exact.attrs["forward_equivalents_per_batch"]
+           / star_x.attrs["forward_equivalents_per_batch"],
+           "star_exact_spearman": star_x_agree["spearman"],
+           "atp_forward_equivalents_per_batch": atp.attrs["forward_equivalents_per_batch"],
            "exact_cost": cost_line(exact.attrs)}
     if ig_steps:
         t0 = time.perf_counter()
@@ -102,6 +122,14 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
     print(f"[{name}] AtP* {t_star:.2f}s ({row['star_cost']}) vs exact ({row['exact_cost']}): "
           f"{row['star_speedup']:.1f}x faster; Spearman {row['star_spearman']:.3f} "
           f"(|.| {row['star_spearman_abs']:.3f})", flush=True)
+    print(f"[{name}] AtP* qk_fix=exact {t_star_x:.2f}s ({row['star_exact_cost']}); Spearman "
+          f"{row['star_exact_spearman']:.3f}", flush=True)
+    print(f"[{name}] forward-equivalents per batch (matmul FLOPs / one forward): AtP "
+          f"{row['atp_forward_equivalents_per_batch']:.1f}, AtP* frozen-norm "
+          f"{row['star_forward_equivalents_per_batch']:.1f} ({row['star_qk_fix_used']}), AtP* exact recompute "
+          f"{row['star_exact_forward_equivalents_per_batch']:.1f}, exact patching "
+          f"{row['exact_forward_equivalents_per_batch']:.1f}: AtP* {row['star_flop_ratio']:.1f}x / "
+          f"{row['star_exact_flop_ratio']:.1f}x cheaper than exact patching", flush=True)
     return row
 
 

@@ -5,6 +5,7 @@ organism), metric logit(Yes) - logit(No), every head's ``hook_z``. Prints signed
 exact patching's top 4 are in each method's top 6, the top exact head's estimate, and passes per batch.
 ``--diagnose L0H1 [--diagnose-pairs 64]`` instead adds the head's write (``delta z W_O``) to the attention input
 of single later layers of the corrupted run and prints the metric change per route (why AtP* misses it).
+AtP* runs with both QK fixes (``atp-star:frozen-norm``, the default, and ``atp-star:exact``; ``--methods``).
 Run: ``python benchmarks/heads_atp_star.py [--pairs 400] [--model organism-gar] [--out results.json]``.
 """
 
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--methods", default="atp,atp-star:frozen-norm,atp-star:exact,ig",
+                        help="Comma list beside exact patching: atp, ig, atp-star:frozen-norm, atp-star:exact.")
     parser.add_argument("--diagnose", default=None, help="A head, e.g. L0H1: print its routes instead.")
     parser.add_argument("--diagnose-pairs", type=int, default=64)
     args = parser.parse_args()
@@ -80,21 +83,24 @@ def main() -> None:
         print(json.dumps(diagnose(model, sub, metrics.yes_no(model, len(sub)), layer, head), indent=1))
         return
     runs, rows = {}, []
-    for method in ("exact", "atp", "atp-star", "ig"):
+    methods = ["exact"] + [m for m in args.methods.split(",") if m != "exact"]
+    for method in methods:
         t0 = time.perf_counter()
         if method == "exact":
             runs[method] = exact_patching(model, pairs.clean, pairs.corrupted, metric, batch_size=args.batch_size)
         else:
-            runs[method] = attribute(model, pairs.clean, pairs.corrupted, metric, sites=("z",), method=method,
-                                     ig_steps=args.ig_steps if method == "ig" else 0, batch_size=args.batch_size)
+            name, _, fix = method.partition(":")
+            runs[method] = attribute(model, pairs.clean, pairs.corrupted, metric, sites=("z",), method=name,
+                                     ig_steps=args.ig_steps if name == "ig" else 0, batch_size=args.batch_size,
+                                     qk_fix=fix or "frozen-norm")
         seconds = time.perf_counter() - t0
         print(f"[{method}] {seconds:.1f}s; {cost_line(runs[method].attrs)}", flush=True)
-        columns = {"atp": ["atp"], "atp-star": ["atp_star", "atp_star_gd", "atp"], "ig": ["atp_ig"]}.get(method, [])
+        columns = {"atp": ["atp"], "ig": ["atp_ig"]}.get(method, ["atp_star", "atp_star_gd", "atp"]
+                                                           if method.startswith("atp-star") else [])
         for col in columns:
             agree = rank_agreement(runs[method], runs["exact"], value=col)
-            rows.append({"method": method, "column": col, "pairs": len(pairs), "seconds": seconds,
-                         **{k: v for k, v in runs[method].attrs.items() if isinstance(v, int | float | str)},
-                         **agree})
+            rows.append({**{k: v for k, v in runs[method].attrs.items() if isinstance(v, int | float | str)},
+                         "method": method, "column": col, "pairs": len(pairs), "seconds": seconds, **agree})
             print(f"  {col}: Spearman {agree['spearman']:.3f} (|.| {agree['spearman_abs']:.3f}); exact top 4 in "
                   f"top 6: {agree['exact_top4_in_top6']}/4; top exact {agree['top_exact_node']} "
                   f"{agree['top_exact_effect']:+.2f} vs {agree['top_exact_atp']:+.2f}", flush=True)

@@ -8,7 +8,16 @@ import torch
 from _passes import independent_pass_count
 
 from mhop_lens.analyses import metrics
-from mhop_lens.analyses.attribution import aggregate, attribute, exact_patching, rank_agreement
+from mhop_lens.analyses.attribution import (
+    _atp_star_batch,
+    aggregate,
+    attribute,
+    encode_pairs,
+    exact_patching,
+    forward_flops,
+    rank_agreement,
+    site_hooks,
+)
 from mhop_lens.errors import SpanError
 
 CLEAN = ["The spouse of the performer of Imagine is", "The author of Hamlet is", "The capital of Japan is"]
@@ -130,13 +139,14 @@ def test_ig_recovers_exact_head_ranking_on_the_organism(organism):
 
 
 def test_atp_star_passes_counted_by_independent_hooks(tiny_models):
-    """AtP*: 2 forwards + 1 full backward (seen by the test's own hooks), L-1 partial backwards (GradDrop) and
-    L-1 recompute passes (block calls only), plus one forward stopped at block 0 for the block arguments."""
+    """AtP* (exact recompute): 2 forwards + 1 full backward (seen by the test's own hooks), L-1 partial backwards
+    (GradDrop) and L-1 recompute passes (block calls only), plus one forward stopped at block 0 for the block
+    arguments."""
     model = tiny_models["llama"]
     clean, corrupt = _aligned(model)
     with independent_pass_count(model) as counts:
         frame = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star",
-                          batch_size=len(clean))
+                          batch_size=len(clean), qk_fix="exact")
     n_layers = model.cfg.n_layers
     assert frame.attrs["capture_forwards_per_batch"] == 1
     assert counts == {"fwd": 2 + 1, "bwd": 1}
@@ -186,3 +196,134 @@ def test_resid_post_is_the_resid_site(tiny_models):
     new = attribute(model, clean, corrupt, metric, sites=("resid_post",))
     assert set(new["site"]) == set(old["site"]) == {"resid_post"}
     assert (old["atp"].to_numpy() == new["atp"].to_numpy()).all()
+
+
+def test_atp_star_frozen_norm_passes_and_flops(tiny_models):
+    """Frozen-norm AtP*: 2 forwards + 1 backward at the model's input / output (no block calls, no capture forward),
+    L-1 partial backwards and L-1 fix passes. The claimed matmul FLOPs (``forward_equivalents`` x one forward) equal
+    torch's own count of every matmul run (``FlopCounterMode``: forwards, activation-gradient backwards, fix
+    passes), for both QK fixes, AtP and exact patching; the unit is torch's count of one forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mhop_lens.forward import run
+
+    def counted(fn, *args, **kw):
+        with FlopCounterMode(display=False) as fc:
+            frame = fn(*args, **kw)
+        claimed = frame.attrs["forward_equivalents_per_batch"] * frame.attrs["flops_forward_unit"]
+        return frame, fc.get_total_flops(), claimed
+
+    for arch in ("gpt2", "llama", "neox"):
+        model = tiny_models[arch]
+        clean, corrupt = _aligned(model)
+        metric = _metric(model, len(clean))
+        enc, _ = encode_pairs(model, clean, corrupt)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            run(model, enc)
+        assert fc.get_total_flops() == forward_flops(model, *enc.tokens.shape), arch
+        args, kw = (model, clean, corrupt, metric), dict(sites=("z", "mlp_out"), batch_size=len(clean))
+        with independent_pass_count(model) as counts:
+            frame, measured, claimed = counted(attribute, *args, method="atp-star", **kw)
+        a = frame.attrs
+        n_layers = model.cfg.n_layers
+        assert a["qk_fix_used"] == "frozen-norm", (arch, a["qk_fix_used"])
+        assert counts == {"fwd": 2, "bwd": 1}, arch
+        assert a["partial_backwards_per_batch"] == n_layers - 1 and a["qk_passes_per_batch"] == n_layers - 1
+        assert "capture_forwards" not in a
+        assert a["flops_forward_unit"] == forward_flops(model, *enc.tokens.shape)
+        assert measured == pytest.approx(claimed, rel=1e-9), (arch, measured, claimed)
+        assert a["forward_equivalents_2x_backward_per_batch"] > a["forward_equivalents_per_batch"]
+        for fn, extra in ((attribute, dict(method="atp-star", qk_fix="exact")), (attribute, {}),
+                          (exact_patching, {})):
+            other, measured, claimed = counted(fn, *args, **kw, **extra)
+            assert measured == pytest.approx(claimed, rel=1e-9), (arch, other.attrs["method"], measured, claimed)
+            if other.attrs["method"] == "exact":
+                assert a["forward_equivalents_per_batch"] < other.attrs["forward_equivalents_per_batch"]
+        assert all(p.grad is None for p in model.parameters())
+        assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
+
+
+def _star(model, clean, corrupt, qk_fix, scale):
+    enc_c, enc_k = encode_pairs(model, clean, corrupt)
+    named = site_hooks(model, ("z", "mlp_out"))
+    from mhop_lens.analyses.attribution import Counter
+
+    (star, extra), _, _ = _atp_star_batch(model, enc_c, enc_k, _metric(model, len(clean)),
+                                          torch.arange(len(clean)), named, Counter(), 0, qk_fix=qk_fix,
+                                          delta_scale=scale)
+    cat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    return cat(star), cat(extra["atp"])
+
+
+def test_atp_star_fixes_agree_to_first_order_with_small_writes(tiny_models):
+    """Deltas scaled by alpha: both QK fixes replace a first-order term by its exact version, so AtP*/alpha -> AtP/alpha
+    for both and frozen-norm - exact recompute shrinks like alpha^2 (the norm's scale is linear to first order)."""
+    for arch in ("gpt2", "llama", "neox"):
+        model = tiny_models[arch]
+        clean, corrupt = _aligned(model)
+        gaps = []
+        for alpha in (1e-1, 1e-2):
+            frozen, atp = _star(model, clean, corrupt, "frozen-norm", alpha)
+            exact, _ = _star(model, clean, corrupt, "exact", alpha)
+            scale = atp.abs().max()
+            assert scale > 0
+            assert (frozen - atp).abs().max() < 0.05 * scale and (exact - atp).abs().max() < 0.05 * scale, arch
+            gaps.append(float((frozen - exact).abs().max() / scale))
+        assert gaps[1] < 0.2 * gaps[0] + 1e-5, (arch, gaps)  # second order: 10x smaller alpha, ~10x smaller gap
+
+
+def test_atp_star_frozen_norm_close_to_exact_recompute_on_real_pairs(tiny_models):
+    """Full-size deltas on the fixtures' pairs: the frozen-norm AtP* stays within 20% of max |AtP| of the exact
+    recompute's, and no further from it than 1.5x plain AtP is (on these random models the norm's scale change
+    is most of the exact recompute's correction, which the frozen norm leaves first order)."""
+    for arch in ("gpt2", "llama", "neox"):
+        model = tiny_models[arch]
+        clean, corrupt = _aligned(model)
+        frozen, atp = _star(model, clean, corrupt, "frozen-norm", 1.0)
+        exact, _ = _star(model, clean, corrupt, "exact", 1.0)
+        gap = (frozen - exact).abs().max()
+        assert gap < 0.2 * atp.abs().max(), arch
+        assert gap <= 1.5 * (exact - atp).abs().max() + 1e-6, arch
+
+
+def test_atp_star_frozen_norm_falls_back_where_unsupported(tiny_models, monkeypatch):
+    from mhop_lens.analyses import attribution
+
+    model = tiny_models["gpt2"]
+    clean, corrupt = _aligned(model)
+    monkeypatch.setattr(attribution, "frozen_norm_support", lambda m: "ALiBi (test)")
+    frame = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star")
+    assert frame.attrs["qk_fix_used"] == "exact (fallback: ALiBi (test))"
+    monkeypatch.undo()
+
+    def fail(*args, **kwargs):
+        raise attribution._Unsupported("layer 1: scores do not reproduce hook_z (test)")
+
+    monkeypatch.setattr(attribution, "_check_frozen_layer", fail)
+    metric = _metric(model, len(clean))
+    frame = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", batch_size=1)
+    exact = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", qk_fix="exact", batch_size=1)
+    assert frame.attrs["qk_fix_used"].startswith("exact (fallback: layer 1")
+    assert np.allclose(frame["atp_star"], exact["atp_star"], atol=1e-6)
+    assert frame.attrs["forwards"] == exact.attrs["forwards"] + 2  # only the first batch ran its forwards twice
+    with pytest.raises(ValueError, match="QK fix"):
+        attribute(model, clean, corrupt, _metric(model, len(clean)), method="atp-star", qk_fix="bogus")
+
+
+def test_atp_star_on_shared_norm_parallel_blocks(tmp_path):
+    """Phi (attention and MLP read one norm): both fixes still go to AtP as the writes shrink. The exact recompute
+    reads the attention's own input there (a gradient at the shared norm's input would carry the MLP path too and
+    leave a first-order error: 0.45 of max |AtP| at every scale before this was fixed)."""
+    from mhop_lens.models import load_model
+    from mhop_lens.tiny_models import save_tiny_model
+
+    model = load_model(str(save_tiny_model(tmp_path / "phi", "phi", seed=1)), device="cpu")
+    assert "blocks.1.ln2.hook_in" not in model.hook_dict
+    clean, corrupt = _aligned(model)
+    gaps = {}
+    for fix in ("frozen-norm", "exact"):
+        for alpha in (1e-1, 1e-2):
+            star, atp = _star(model, clean, corrupt, fix, alpha)
+            gaps[fix, alpha] = float((star - atp).abs().max() / atp.abs().max())
+    for fix in ("frozen-norm", "exact"):
+        assert gaps[fix, 1e-2] < 0.2 * gaps[fix, 1e-1] + 1e-5 and gaps[fix, 1e-2] < 0.01, gaps

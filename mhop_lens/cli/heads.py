@@ -89,8 +89,12 @@ def _world(examples):
                    "another context key (metric clean - corrupt answer). Ignored for --data organism.")
 @click.option("--per-span", is_flag=True, help="One score per role span (GAR roles / e1, r1, r2) instead of a sum.")
 @click.option("--method", type=click.Choice(["atp", "atp-star", "ig"]), default=None,
-              help="atp (2 forwards + 1 backward), atp-star (AtP*: exact recompute of later attention layers + "
-                   "GradDrop, docs/heads.md) or ig (integrated gradients). Default: ig if --ig-steps > 0, else atp.")
+              help="atp (2 forwards + 1 backward), atp-star (AtP*: exact softmax of later attention layers under "
+                   "each node's write, see --qk-fix, + GradDrop, docs/heads.md) or ig (integrated gradients). "
+                   "Default: ig if --ig-steps > 0, else atp.")
+@click.option("--qk-fix", type=click.Choice(["frozen-norm", "exact"]), default="frozen-norm", show_default=True,
+              help="AtP*'s recompute: frozen-norm (q/k/v change through the corrupted run's norm scale, low-rank; "
+                   "falls back to exact where unsupported) or exact (the model's own block per node copy).")
 @click.option("--ig-steps", type=int, default=0, show_default=True,
               help="Integrated-gradients steps (0 = AtP; --method ig without it uses 8).")
 @click.option("--exact", is_flag=True, help="Also run exact patching of every node and report rank agreement.")
@@ -130,7 +134,7 @@ def attribute(**kw) -> None:
         raise DataError("--method atp-star scores whole nodes; drop --per-span or use --method atp / ig.")
     frame = run_atp(model, clean, corrupt, metric, sites=sites, per_position=spans if kw["per_span"] else False,
                     ig_steps=kw["ig_steps"], batch_size=kw["batch_size"], pair_ids=ids, progress=True,
-                    method=method)
+                    method=method, qk_fix=kw["qk_fix"])
     store.write("attribution", frame)
     store.write("nodes", aggregate(frame))
     info = dict(frame.attrs, pairs=len(clean), dropped=dropped)
