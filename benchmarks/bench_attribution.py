@@ -75,9 +75,10 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
     exact = exact_patching(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size)
     t_exact = time.perf_counter() - t0
     agree = rank_agreement(atp, exact)
-    attribute(model, clean[:1], corrupt[:1], metric, sites=("z",), method="atp-star")
+    attribute(model, clean[:1], corrupt[:1], metric, sites=("z",), method="atp-star", qk_fix="frozen-norm")
     t0 = time.perf_counter()
-    star = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, method="atp-star")
+    star = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, method="atp-star",
+                     qk_fix="frozen-norm")
     t_star = time.perf_counter() - t0
     star_agree = rank_agreement(star, exact, value="atp_star")
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ organism), metric logit(Yes) - logit(No), every head's ``hook_z``. Prints signed
 exact patching's top 4 are in each method's top 6, the top exact head's estimate, and passes per batch.
 ``--diagnose L0H1 [--diagnose-pairs 64]`` instead adds the head's write (``delta z W_O``) to the attention input
 of single later layers of the corrupted run and prints the metric change per route (why AtP* misses it).
-AtP* runs with both QK fixes (``atp-star:frozen-norm``, the default, and ``atp-star:exact``; ``--methods``).
+AtP* runs with both QK fixes (``atp-star:exact``, the library default, and ``atp-star:frozen-norm``; ``--methods``).
 Run: ``python benchmarks/heads_atp_star.py [--pairs 400] [--model organism-gar] [--out results.json]``.
 """
 
@@ -92,7 +92,7 @@ def main() -> None:
             name, _, fix = method.partition(":")
             runs[method] = attribute(model, pairs.clean, pairs.corrupted, metric, sites=("z",), method=name,
                                      ig_steps=args.ig_steps if name == "ig" else 0, batch_size=args.batch_size,
-                                     qk_fix=fix or "frozen-norm")
+                                     qk_fix=fix or "exact")
         seconds = time.perf_counter() - t0
         print(f"[{method}] {seconds:.1f}s; {cost_line(runs[method].attrs)}", flush=True)
         columns = {"atp": ["atp"], "ig": ["atp_ig"]}.get(method, ["atp_star", "atp_star_gd", "atp"]
@@ -102,8 +102,9 @@ def main() -> None:
             rows.append({**{k: v for k, v in runs[method].attrs.items() if isinstance(v, int | float | str)},
                          "method": method, "column": col, "pairs": len(pairs), "seconds": seconds, **agree})
             print(f"  {col}: Spearman {agree['spearman']:.3f} (|.| {agree['spearman_abs']:.3f}); exact top 4 in "
-                  f"top 6: {agree['exact_top4_in_top6']}/4; top exact {agree['top_exact_node']} "
-                  f"{agree['top_exact_effect']:+.2f} vs {agree['top_exact_atp']:+.2f}", flush=True)
+                  f"top 6: {agree['exact_top4_in_top6']}/4 (missed: {agree['exact_top4_missed'] or '-'}); "
+                  f"top exact {agree['top_exact_node']} {agree['top_exact_effect']:+.2f} vs "
+                  f"{agree['top_exact_atp']:+.2f}", flush=True)
     rows.append({"method": "exact", "pairs": len(pairs),
                  **{k: v for k, v in runs["exact"].attrs.items() if isinstance(v, int | float | str)}})
     if args.out:

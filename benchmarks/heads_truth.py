@@ -32,6 +32,8 @@ def main() -> None:
                         help="Held-out counter-pairs after the selection ones whose rows the null is scored on.")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--n-random", type=int, default=50, help="Random head sets for the intervention control.")
+    parser.add_argument("--min-probe", type=float, default=hd.MIN_PROBE,
+                        help="classify's probe threshold (a sensitivity run; the documented rule uses the default).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -41,6 +43,9 @@ def main() -> None:
     pairs = hd.counter_pairs(model, examples)
     sel = pairs.subset(range(min(args.select, len(pairs))))
     scores = hd.head_scores(model, sel, exact=True, batch_size=50)
+    if args.min_probe != hd.MIN_PROBE:
+        scores = hd.classify(scores.drop(columns=["head_class", "yes_on_true", "no_on_false"], errors="ignore"),
+                             min_probe=args.min_probe)
     top = hd.select(scores, args.k)
     chosen = [(int(l), int(h)) for l, h in zip(top["layer"], top["head"], strict=True)]
     cls = scores[["layer", "head", "exact", "direct_true", "direct_false", "probe_acc", "act_d", "head_class"]]
@@ -61,7 +66,8 @@ def main() -> None:
                "fixed_share_failures_mean": float(rand[rand["rows"] == "failures"]["fixed_share"].mean()),
                "share_random_net_ge_label": float((r_all["net"] >= lab["net"]).mean())}
     print(json.dumps(control), flush=True)
-    out = {"model": args.model, "pairs": len(pairs), "select_pairs": len(sel), "null_rows": len(null_rows),
+    out = {"model": args.model, "min_probe": args.min_probe,
+           "pairs": len(pairs), "select_pairs": len(sel), "null_rows": len(null_rows),
            "chosen_top_k": [f"L{l}H{h}" for l, h in chosen], "true_heads": [f"L{l}H{h}" for l, h in true_heads],
            "false_heads": [f"L{l}H{h}" for l, h in false_heads], "head_classes": cls.to_dict("records"),
            "null": summary, "null_accuracy_quantiles": frame["accuracy"].quantile([0, .05, .25, .5, .75, 1]).to_dict(),

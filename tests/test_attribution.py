@@ -8,8 +8,8 @@ import torch
 from _passes import independent_pass_count
 
 from mhop_lens.analyses import metrics
+from mhop_lens.analyses.atp_star import atp_star_batch
 from mhop_lens.analyses.attribution import (
-    _atp_star_batch,
     aggregate,
     attribute,
     encode_pairs,
@@ -159,13 +159,14 @@ def test_atp_star_passes_counted_by_independent_hooks(tiny_models):
     assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
 
 
-def test_atp_star_is_zero_without_perturbation_and_atp_in_the_last_layer(tiny_model):
+@pytest.mark.parametrize("qk_fix", ["exact", "frozen-norm"])
+def test_atp_star_is_zero_without_perturbation_and_atp_in_the_last_layer(tiny_model, qk_fix):
     model = tiny_model
     clean, corrupt = _aligned(model)
     metric = _metric(model, len(clean))
-    same = attribute(model, clean, clean, metric, sites=("z", "mlp_out"), method="atp-star")
+    same = attribute(model, clean, clean, metric, sites=("z", "mlp_out"), method="atp-star", qk_fix=qk_fix)
     assert same[["atp_star", "atp_star_gd", "atp"]].abs().max().max() < 1e-6
-    star = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star")
+    star = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", qk_fix=qk_fix)
     plain = attribute(model, clean, corrupt, metric, sites=("z",))
     last = star["layer"] == model.cfg.n_layers - 1
     assert np.allclose(star["atp"], plain["atp"], atol=1e-5)
@@ -223,7 +224,7 @@ def test_atp_star_frozen_norm_passes_and_flops(tiny_models):
         assert fc.get_total_flops() == forward_flops(model, *enc.tokens.shape), arch
         args, kw = (model, clean, corrupt, metric), dict(sites=("z", "mlp_out"), batch_size=len(clean))
         with independent_pass_count(model) as counts:
-            frame, measured, claimed = counted(attribute, *args, method="atp-star", **kw)
+            frame, measured, claimed = counted(attribute, *args, method="atp-star", qk_fix="frozen-norm", **kw)
         a = frame.attrs
         n_layers = model.cfg.n_layers
         assert a["qk_fix_used"] == "frozen-norm", (arch, a["qk_fix_used"])
@@ -248,8 +249,8 @@ def _star(model, clean, corrupt, qk_fix, scale):
     named = site_hooks(model, ("z", "mlp_out"))
     from mhop_lens.analyses.attribution import Counter
 
-    (star, extra), _, _ = _atp_star_batch(model, enc_c, enc_k, _metric(model, len(clean)),
-                                          torch.arange(len(clean)), named, Counter(), 0, qk_fix=qk_fix,
+    (star, extra), _, _ = atp_star_batch(model, enc_c, enc_k, _metric(model, len(clean)),
+                                         torch.arange(len(clean)), named, Counter(), 0, qk_fix=qk_fix,
                                           delta_scale=scale)
     cat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
     return cat(star), cat(extra["atp"])
@@ -287,21 +288,23 @@ def test_atp_star_frozen_norm_close_to_exact_recompute_on_real_pairs(tiny_models
 
 
 def test_atp_star_frozen_norm_falls_back_where_unsupported(tiny_models, monkeypatch):
-    from mhop_lens.analyses import attribution
+    from mhop_lens.analyses import atp_star
 
     model = tiny_models["gpt2"]
     clean, corrupt = _aligned(model)
-    monkeypatch.setattr(attribution, "frozen_norm_support", lambda m: "ALiBi (test)")
-    frame = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star")
+    monkeypatch.setattr(atp_star, "frozen_norm_support", lambda m: "ALiBi (test)")
+    frame = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star",
+                      qk_fix="frozen-norm")
     assert frame.attrs["qk_fix_used"] == "exact (fallback: ALiBi (test))"
     monkeypatch.undo()
 
     def fail(*args, **kwargs):
-        raise attribution._Unsupported("layer 1: scores do not reproduce hook_z (test)")
+        raise atp_star._Unsupported("layer 1: scores do not reproduce hook_z (test)")
 
-    monkeypatch.setattr(attribution, "_check_frozen_layer", fail)
+    monkeypatch.setattr(atp_star, "_check_frozen_layer", fail)
     metric = _metric(model, len(clean))
-    frame = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", batch_size=1)
+    frame = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", batch_size=1,
+                      qk_fix="frozen-norm")
     exact = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", qk_fix="exact", batch_size=1)
     assert frame.attrs["qk_fix_used"].startswith("exact (fallback: layer 1")
     assert np.allclose(frame["atp_star"], exact["atp_star"], atol=1e-6)

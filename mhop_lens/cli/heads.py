@@ -92,9 +92,10 @@ def _world(examples):
               help="atp (2 forwards + 1 backward), atp-star (AtP*: exact softmax of later attention layers under "
                    "each node's write, see --qk-fix, + GradDrop, docs/heads.md) or ig (integrated gradients). "
                    "Default: ig if --ig-steps > 0, else atp.")
-@click.option("--qk-fix", type=click.Choice(["frozen-norm", "exact"]), default="frozen-norm", show_default=True,
-              help="AtP*'s recompute: frozen-norm (q/k/v change through the corrupted run's norm scale, low-rank; "
-                   "falls back to exact where unsupported) or exact (the model's own block per node copy).")
+@click.option("--qk-fix", type=click.Choice(["exact", "frozen-norm"]), default="exact", show_default=True,
+              help="AtP*'s recompute: exact (the model's own block per node copy) or frozen-norm (q/k/v change "
+                   "through the corrupted run's norm scale, low-rank, cheaper from ~70 tokens per batch; falls back "
+                   "to exact where unsupported).")
 @click.option("--ig-steps", type=int, default=0, show_default=True,
               help="Integrated-gradients steps (0 = AtP; --method ig without it uses 8).")
 @click.option("--exact", is_flag=True, help="Also run exact patching of every node and report rank agreement.")
