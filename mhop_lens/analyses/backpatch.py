@@ -4,10 +4,17 @@ For every pair (source layer s > target layer t) and position p the residual at 
 clean residual at (s, p) (layer l = ``blocks.{l}.hook_resid_post``) and the answer is scored. A shuffled-donor
 control feeds the residual of a different query (a fixed, seeded derangement) through the same pairs.
 
-Fast path (``backpatch_logits``): one cached clean run per batch; per target layer t one partial forward of all
+Fast path (``_fast_sweep``): one cached clean run per batch; per target layer t one partial forward of all
 (query x donor x s) rows that starts at block t+1, recomputes only positions >= p and reads the clean keys/values
-of the prefix (``partial_forward``). Reference (``backpatch_reference_logits``): one batched full forward per
-(s, t) pair with ``interventions.replace_positions``. Both give the same logits (tests: < 1e-4).
+of the prefix (``partial_forward``); at the last position all t in one pass over the layers. Reference
+(``_reference_sweep``): one batched full forward per (s, t) pair with ``interventions.replace_positions``. Both give
+the same logits (tests: < 1e-4).
+
+Memory: the sweeps return final residuals and read them out ``lens.READOUT_CHUNK_BYTES`` of fp32 logits at a time
+(``partial_forward.readout``), handing each chunk to a sink. ``run_backpatch`` uses ``backpatch_scores``, which keeps
+only each target's rank and probability, so the read-out adds a few chunks of memory whatever the number of pairs,
+rows and vocabulary (held whole, the logits are pairs x rows x vocabulary x 4 bytes: ~8 GB for Llama-3-8B's 496
+pairs x 32 rows x 128,256). ``backpatch_logits`` / ``backpatch_reference_logits`` keep the full logits (tests).
 
 Criterion for "fixed" / "correct" (``criterion``):
 - ``first-token``: e3's first token (after ``answer_prefix``) is the top-1 next token at the last position.
