@@ -6,7 +6,10 @@ position, and the one-pass sweep read all of them out at once; now ``backpatch_s
 with ``git archive``, or this tree) on the same saved model and queries, alternating, ``--repeats`` rounds; the
 process runs ``run_backpatch`` once as a warm-up (fast-path verdicts, captures), then measures the second run:
 anonymous-memory growth (RssAnon sampled every ms, ``MALLOC_MMAP_THRESHOLD_`` so freed blocks leave at once)
-and wall time. Medians are printed; the tables of both runs are compared.
+and wall time. Medians are printed; the tables of both runs are compared. Then (``--time-repeats``) the times in
+one process: the earlier commit's ``backpatch.py`` loaded as a module of its own over this tree (whose changes
+to ``partial_forward`` / ``variant_tokens`` only add an argument) and this tree's, alternating on one model, so
+process start-up and loading do not blur the comparison on a shared machine.
 
     python benchmarks/bench_backpatch_memory.py --before d1ae688 [--layers 12 --d-model 512 --queries 16]
 """
@@ -49,6 +52,32 @@ print(json.dumps({"growth": peak - start, "seconds": seconds, "path": frame.attr
 """
 
 
+TIMES = """
+import importlib.util, json, statistics, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch
+from common import random_queries
+from mhop_lens.analyses import backpatch
+from mhop_lens.models import load_model
+spec = importlib.util.spec_from_file_location("backpatch_before", sys.argv[6])
+before = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(before)
+torch.set_num_threads(int(sys.argv[5]))
+model = load_model(sys.argv[1], device="cpu")
+queries = random_queries(model, int(sys.argv[3]))
+positions = sys.argv[4].split(",")
+runs = {"before": before.run_backpatch, "after": backpatch.run_backpatch}
+times = {name: [] for name in runs}
+for r in range(int(sys.argv[7]) + 1):
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        run(model, queries, positions=positions, batch_size=len(queries), progress=False)
+        if r:  # the first round warms up
+            times[name].append(time.perf_counter() - t0)
+print(json.dumps(times))
+"""
+
+
 def model_dir(layers: int, d_model: int) -> Path:
     """A saved random Llama model with Llama-3's vocabulary (128,256) and GQA, of ``layers`` x ``d_model``."""
     from common import CACHE
@@ -87,6 +116,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--positions", default="t1,last", help="one run over these (the CLI's default)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time-repeats", type=int, default=5, help="in-process alternating timing rounds (0: skip)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     path = model_dir(args.layers, args.d_model)
@@ -96,6 +126,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, tree in trees.items():
                 got[name].append(measure(tree, path, args.queries, args.positions, args.threads))
+        times = in_process_times(trees["before"], path, args) if args.time_repeats else None
     first = got["after"][0]
     logits = first["pairs"] * first["rows"] * first["vocab"] * 4 / 2**20
     print(f"run_backpatch, positions {args.positions}: {first['pairs']} pairs x {first['rows']} rows (self + "
@@ -111,6 +142,20 @@ def main() -> None:
     before, after = got["before"][-1], got["after"][-1]
     dprob = max(abs(a - b) for a, b in zip(before["prob"], after["prob"], strict=True))
     print(f"  tables: ranks equal {before['rank'] == after['rank']}, largest |prob difference| {dprob:.2g}")
+    if times:
+        median = {name: statistics.median(t) for name, t in times.items()}
+        print(f"  one process, {args.time_repeats} alternating rounds after a warm-up: " + "; ".join(
+            f"{name} median {median[name]:.2f} s ({', '.join(f'{x:.2f}' for x in t)})" for name, t in times.items())
+              + f"; after / before = {median['after'] / median['before']:.3f}")
+
+
+def in_process_times(before_tree: Path, path: Path, args) -> dict[str, list[float]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072",
+           "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", TIMES, str(path), str(ROOT / "benchmarks"), str(args.queries),
+                          args.positions, str(args.threads), str(before_tree / "mhop_lens/analyses/backpatch.py"),
+                          str(args.time_repeats)], capture_output=True, text=True, env=env, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 if __name__ == "__main__":
     main()
