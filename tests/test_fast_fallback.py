@@ -86,7 +86,7 @@ def test_reference_never_enters_the_fast_machinery(model, monkeypatch):
 
     for module, name in ((pf, "fast_path_cause"), (pf, "clean_run"), (pf, "run_from"), (pf, "block_call"),
                          (pf, "ensure_cache_plumbing"), (bp, "clean_run"), (bp, "backpatch_logits"),
-                         (ap, "clean_run"), (ap, "patch_logits")):
+                         (bp, "_fast_sweep"), (ap, "clean_run"), (ap, "patch_logits")):
         monkeypatch.setattr(module, name, forbidden)
     frame = bp.run_backpatch(model, tiny_queries(), batch_size=5, progress=False, reference=True)
     assert frame.attrs["path"] == "reference"

@@ -247,7 +247,7 @@ def test_layerwise_backpatch_equals_the_reference(tmp_path, arch):
     for i, (_, t) in enumerate(pairs):
         by_t.setdefault(t, []).append(i)
     out = torch.empty(len(pairs), len(rows), model.cfg.d_vocab)
-    assert bp._layerwise(model, clean, rows, donor, pos[donor], pairs, by_t, out)
+    assert bp._layerwise(model, clean, rows, donor, pos[donor], pairs, by_t, bp._keep(out), bp.READOUT_CHUNK_BYTES)
     ref = bp.backpatch_reference_logits(model, clean, rows, pos[rows], pairs, donor, pos[donor])
     assert (out - ref).abs().max() < 1e-4
     fast = bp.backpatch_logits(model, clean, rows, pos[rows], pairs, donor, pos[donor])

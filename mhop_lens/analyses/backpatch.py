@@ -4,10 +4,17 @@ For every pair (source layer s > target layer t) and position p the residual at 
 clean residual at (s, p) (layer l = ``blocks.{l}.hook_resid_post``) and the answer is scored. A shuffled-donor
 control feeds the residual of a different query (a fixed, seeded derangement) through the same pairs.
 
-Fast path (``backpatch_logits``): one cached clean run per batch; per target layer t one partial forward of all
+Fast path (``_fast_sweep``): one cached clean run per batch; per target layer t one partial forward of all
 (query x donor x s) rows that starts at block t+1, recomputes only positions >= p and reads the clean keys/values
-of the prefix (``partial_forward``). Reference (``backpatch_reference_logits``): one batched full forward per
-(s, t) pair with ``interventions.replace_positions``. Both give the same logits (tests: < 1e-4).
+of the prefix (``partial_forward``); at the last position all t in one pass over the layers. Reference
+(``_reference_sweep``): one batched full forward per (s, t) pair with ``interventions.replace_positions``. Both give
+the same logits (tests: < 1e-4).
+
+Memory: the sweeps return final residuals and read them out ``lens.READOUT_CHUNK_BYTES`` of fp32 logits at a time
+(``partial_forward.readout``), handing each chunk to a sink. ``run_backpatch`` uses ``backpatch_scores``, which keeps
+only each target's rank and probability, so the read-out adds a few chunks of memory whatever the number of pairs,
+rows and vocabulary (held whole, the logits are pairs x rows x vocabulary x 4 bytes: ~8 GB for Llama-3-8B's 496
+pairs x 32 rows x 128,256). ``backpatch_logits`` / ``backpatch_reference_logits`` keep the full logits (tests).
 
 Criterion for "fixed" / "correct" (``criterion``):
 - ``first-token``: e3's first token (after ``answer_prefix``) is the top-1 next token at the last position.
@@ -22,7 +29,7 @@ Positions: any name of ``analyses/sites.py``; the study's two are ``t1`` (last t
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,6 +41,7 @@ from tqdm.auto import tqdm
 
 from mhop_lens import hooks, interventions
 from mhop_lens.analyses import sites as S
+from mhop_lens.analyses.lens import READOUT_CHUNK_BYTES
 from mhop_lens.analyses.partial_forward import (
     BlockArgs,
     CleanRun,
@@ -56,7 +64,7 @@ from mhop_lens.analyses.patched_generation import (
 from mhop_lens.analyses.variant_tokens import run_variants, variant_path_cause
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
-from mhop_lens.forward import last_logits
+from mhop_lens.forward import logits_at
 from mhop_lens.tokens import Encoded, encode, first_token_ids
 
 Pair = tuple[int, int]  # (source layer s, target layer t)
@@ -92,7 +100,63 @@ def positions_of(enc: Encoded, queries: Sequence[TwoHopQuery], position: str) ->
     return S.positions(enc, queries, position)
 
 
-# fast path ----------------------------------------------------------------------------------------------------
+# read-outs ----------------------------------------------------------------------------------------------------
+#: ``put(pair, row, logits)``: what a sweep hands on, chunk by chunk: logits ``[e, vocab]`` of entries (pairs[pair[i]],
+#: row index row[i] into the sweep's ``rows``).
+Sink = Callable[[Int[Tensor, " e"], Int[Tensor, " e"], Float[Tensor, "e vocab"]], None]
+
+
+def _read_out(model, hidden: Float[Tensor, "e d_model"], pair: Int[Tensor, " e"], row: Int[Tensor, " e"], put: Sink,
+              chunk_bytes: int) -> None:
+    """Logits of final residuals (``partial_forward.readout``: final norm, unembedding, logit scale / soft cap),
+    ``chunk_bytes`` of fp32 logits at a time, each chunk handed to ``put``."""
+    step = _chunk_rows(model, chunk_bytes)
+    for a in range(0, len(hidden), step):
+        put(pair[a : a + step], row[a : a + step], readout(model, hidden[None, a : a + step])[0])
+
+
+def _chunk_rows(model, chunk_bytes: int) -> int:
+    """Rows of fp32 vocabulary logits in ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * model.cfg.d_vocab))
+
+
+def _keep(out: Float[Tensor, "pair m vocab"]) -> Sink:
+    """A sink that stores the logits."""
+    def put(pair, row, logits):
+        out[pair.to(out.device), row.to(out.device)] = logits.to(out.dtype)
+    return put
+
+
+def _scorer(targets: Int[Tensor, " m"], rank: Int[Tensor, "pair m"], prob: Float[Tensor, "pair m"]) -> Sink:
+    """A sink that keeps only the rank and probability of each row's target (``_score``)."""
+    def put(pair, row, logits):
+        r, p = _score(logits.float()[None], targets[row.cpu()])
+        rank[pair.cpu(), row.cpu()], prob[pair.cpu(), row.cpu()] = r[0], p[0]
+    return put
+
+
+def backpatch_scores(
+    model,
+    clean: CleanRun,
+    rows: Int[Tensor, " m"],
+    pos: Int[Tensor, " m"],
+    pairs: Sequence[Pair],
+    donor: Int[Tensor, " m"],
+    donor_pos: Int[Tensor, " m"],
+    targets: Int[Tensor, " m"],
+    reference: bool = False,
+    chunk_bytes: int = READOUT_CHUNK_BYTES,
+) -> tuple[Int[Tensor, "pair m"], Float[Tensor, "pair m"]]:
+    """Rank (0 = top) and probability of ``targets[i]`` in the logits ``backpatch_logits`` gives (the reference's
+    with ``reference=True``), read out and scored ``chunk_bytes`` of fp32 logits at a time: the extra memory is a
+    few chunks whatever the number of pairs, rows and vocabulary, not pairs x rows x vocabulary."""
+    rank = torch.empty(len(pairs), len(rows), dtype=torch.long)
+    prob = torch.empty(len(pairs), len(rows))
+    sweep = _reference_sweep if reference else _fast_sweep
+    sweep(model, clean, rows, pos, pairs, donor, donor_pos, _scorer(targets.cpu(), rank, prob), chunk_bytes)
+    return rank, prob
+
+
 def backpatch_logits(
     model,
     clean: CleanRun,
@@ -101,9 +165,37 @@ def backpatch_logits(
     pairs: Sequence[Pair],
     donor: Int[Tensor, " m"],
     donor_pos: Int[Tensor, " m"],
+    chunk_bytes: int = READOUT_CHUNK_BYTES,
 ) -> Float[Tensor, "pair m vocab"]:
     """Last-position logits of clean row ``rows[i]`` with resid_post(t)[pos[i]] := resid_post(s)[donor_pos[i]] of
-    clean row ``donor[i]``, for each (s, t) in ``pairs``.
+    clean row ``donor[i]``, for each (s, t) in ``pairs`` (the fast path; all of them at once: pairs x rows x
+    vocabulary fp32, so sweeps use ``backpatch_scores``)."""
+    out = torch.empty(len(pairs), len(rows), model.cfg.d_vocab, device=clean.streams.device)
+    _fast_sweep(model, clean, rows, pos, pairs, donor, donor_pos, _keep(out), chunk_bytes)
+    return out
+
+
+def backpatch_reference_logits(
+    model,
+    clean: CleanRun,
+    rows: Int[Tensor, " m"],
+    pos: Int[Tensor, " m"],
+    pairs: Sequence[Pair],
+    donor: Int[Tensor, " m"],
+    donor_pos: Int[Tensor, " m"],
+    chunk_bytes: int = READOUT_CHUNK_BYTES,
+) -> Float[Tensor, "pair m vocab"]:
+    """``backpatch_logits`` by the plain per-pair implementation (``_reference_sweep``)."""
+    out = torch.empty(len(pairs), len(rows), model.cfg.d_vocab)
+    _reference_sweep(model, clean, rows, pos, pairs, donor, donor_pos, _keep(out), chunk_bytes)
+    return out
+
+
+# fast path ----------------------------------------------------------------------------------------------------
+def _fast_sweep(model, clean: CleanRun, rows: Int[Tensor, " m"], pos: Int[Tensor, " m"], pairs: Sequence[Pair],
+                donor: Int[Tensor, " m"], donor_pos: Int[Tensor, " m"], put: Sink, chunk_bytes: int) -> None:
+    """The patched last-position logits of every (pair, row) (see ``backpatch_logits``), handed to ``put`` in
+    chunks of ``chunk_bytes``. The partial forwards return final residuals; only ``_read_out`` unembeds.
 
     Rows sharing t run together from block t+1 on positions >= min(pos), over the clean prefix keys/values.
     """
@@ -111,27 +203,27 @@ def backpatch_logits(
     rows, pos, donor, donor_pos = (x.cpu() for x in (rows, pos, donor, donor_pos))
     m, start = len(rows), int(pos.min())
     calls = kept_block_args(model)  # every t's rows are a tile of the same m rows: one capture serves all
-    out = torch.empty(len(pairs), m, clean.last_logits.shape[-1], device=device)
     by_t: dict[int, list[int]] = {}
     for i, (_, t) in enumerate(pairs):
         by_t.setdefault(t, []).append(i)
     last_only = start == clean.enc.tokens.shape[1] - 1  # every row patched at its last position
-    if last_only and len(by_t) > 1 and _layerwise(model, clean, rows, donor, donor_pos, pairs, by_t, out):
-        return out
+    if last_only and len(by_t) > 1 and _layerwise(model, clean, rows, donor, donor_pos, pairs, by_t, put,
+                                                  chunk_bytes):
+        return
     for t, idx in by_t.items():
-        if last_only and len(idx) > 1 and _variants(model, clean, rows, donor, donor_pos, pairs, idx, out):
+        if last_only and len(idx) > 1 and _variants(model, clean, rows, donor, donor_pos, pairs, idx, put,
+                                                    chunk_bytes):
             continue
         k = torch.arange(m).repeat(len(idx))  # pair-major: entry e = pair idx[e // m], row e % m
         src = torch.tensor([pairs[i][0] for i in idx]).repeat_interleave(m)
+        pair = torch.tensor(idx).repeat_interleave(m)
         step = _rows_per_call(model, clean, t, start)
-        got = torch.empty(len(k), out.shape[-1], device=device)
         for a in range(0, len(k), step):
             e, s = k[a : a + step], src[a : a + step]
             resid = clean.streams[t + 1][rows[e].to(device), start:].clone()
             resid[torch.arange(len(e)), (pos[e] - start).to(device)] = clean.streams[s + 1, donor[e], donor_pos[e]]
-            got[a : a + step] = _finish(model, resid, t, clean, rows[e], start, calls)
-        out[idx] = rearrange(got, "(pair m) vocab -> pair m vocab", m=m)
-    return out
+            hidden = _finish(model, resid, t, clean, rows[e], start, calls)
+            _read_out(model, hidden, pair[a : a + step], e, put, chunk_bytes)
 
 
 def _rows_per_call(model, clean: CleanRun, t: int, start: int) -> int:
@@ -141,9 +233,20 @@ def _rows_per_call(model, clean: CleanRun, t: int, start: int) -> int:
     return max(1, CACHE_BUDGET // row_bytes)
 
 
-def _variants(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pair], idx: list[int], out) -> bool:
+def _read_variants(model, hidden: Float[Tensor, "n k d_model"], pair: list[int], row0: int, put: Sink,
+                   chunk_bytes: int) -> None:
+    """``_read_out`` of variant column j of row i as entry (pair[j], row0 + i)."""
+    n, k = hidden.shape[:2]
+    pairs = torch.tensor(pair).repeat(n)
+    rows = (row0 + torch.arange(n)).repeat_interleave(k)
+    _read_out(model, rearrange(hidden, "n k d -> (n k) d"), pairs, rows, put, chunk_bytes)
+
+
+def _variants(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pair], idx: list[int], put: Sink,
+              chunk_bytes: int) -> bool:
     """Pairs ``idx`` (one t) at the last position as variant tokens of each row (``variant_tokens``): the
-    prefix is held once per row instead of once per (row, s). False (nothing written) where the model's check fails.
+    prefix is held once per row instead of once per (row, s). False (nothing handed on) where the model's check
+    fails.
     """
     device = clean.streams.device
     t, start = pairs[idx[0]][1], clean.enc.tokens.shape[1] - 1
@@ -161,17 +264,18 @@ def _variants(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pa
                 warn_once(model, "back-patching: variant tokens (one prefix copy per row)", cause,
                           "running one row per variant instead (same results, more memory)")
                 return False
-        out[idx, a : a + step] = run_variants(model, variants, t + 1, mask, cache).transpose(0, 1).to(out.dtype)
+        hidden = run_variants(model, variants, t + 1, mask, cache, unembed=False)
+        _read_variants(model, hidden, idx, a, put, chunk_bytes)
     return True
 
 
 def _layerwise(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[Pair], by_t: dict[int, list[int]],
-               out) -> bool:
+               put: Sink, chunk_bytes: int) -> bool:
     """Every pair at the last position in ONE pass over the layers: block l runs once, on the variant tokens of
     every t < l together (the pairs of target t join as new variants before block t+1), and the unembedding runs
-    once at the end. Per-t calls read block l's weights once per t < l and the unembedding once per t; at d_model
-    4096 those one-token calls are bound by reading the weights, so this reads each block once per batch (issue
-    19). False (nothing written) where the variant path does not hold for this model."""
+    once at the end (in chunks). Per-t calls read block l's weights once per t < l and the unembedding once per t;
+    at d_model 4096 those one-token calls are bound by reading the weights, so this reads each block once per batch
+    (issue 19). False (nothing handed on) where the variant path does not hold for this model."""
     from mhop_lens.analyses.variant_tokens import variant_args
 
     device = clean.streams.device
@@ -193,11 +297,13 @@ def _layerwise(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[P
                 return False  # the per-t variant path below checks the same and warns with the cause
         hidden = None
         with torch.no_grad():
-            for layer in range(ts[0] + 1, n_layers):
+            for layer in range(ts[0] + 1, n_layers + 1):  # t = L-1 (s = t only) joins the final residuals
                 if layer - 1 in by_t:
                     src = torch.tensor([pairs[i][0] for i in by_t[layer - 1]], device=device)
                     new = clean.streams[src[None] + 1, d, dp]
                     hidden = new if hidden is None else torch.cat([hidden, new], dim=1)
+                if layer == n_layers:
+                    break
                 args, kwargs = calls(hidden.shape[1], mask, cache)
                 if args:
                     args[0] = hidden
@@ -205,41 +311,36 @@ def _layerwise(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[P
                     kwargs["hidden_states"] = hidden
                 got = model.blocks[layer](*args, **kwargs)
                 hidden = got[0] if isinstance(got, tuple) else got
-            logits = readout(model, hidden)  # [rows, pairs, vocab], with the model's logit scale / soft cap
-        out[order, a : a + step] = logits.transpose(0, 1).to(out.dtype)
+            _read_variants(model, hidden, order, a, put, chunk_bytes)  # the model's logit scale / soft cap
     return True
 
 
-def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, calls: BlockArgs) -> Tensor:
-    """Last-position logits of ``resid`` (positions >= start of ``rows``) entering block t+1."""
+def _finish(model, resid, t: int, clean: CleanRun, rows: Tensor, start: int, calls: BlockArgs
+            ) -> Float[Tensor, "n d_model"]:
+    """Final last-position residual of ``resid`` (positions >= start of ``rows``) entering block t+1."""
     device = clean.streams.device
     if t + 1 >= model.cfg.n_layers:  # the final residual: only the unembedding is left
-        return readout(model, resid)[:, -1]
+        return resid[:, -1]
     mask = clean.enc.attention_mask[rows.to(device)]
     cache = prefix_cache(clean.kv, rows.to(device), start, t + 1)
-    return run_from(model, resid, t + 1, mask, cache, block_args=calls, last_only=True)[:, -1]
+    return run_from(model, resid, t + 1, mask, cache, block_args=calls, last_only=True, unembed=False)[:, -1]
 
 
 # reference ----------------------------------------------------------------------------------------------------
-def backpatch_reference_logits(
-    model,
-    clean: CleanRun,
-    rows: Int[Tensor, " m"],
-    pos: Int[Tensor, " m"],
-    pairs: Sequence[Pair],
-    donor: Int[Tensor, " m"],
-    donor_pos: Int[Tensor, " m"],
-) -> Float[Tensor, "pair m vocab"]:
-    """The plain per-pair implementation: one batched full forward per (s, t) with ``replace_positions``."""
+def _reference_sweep(model, clean: CleanRun, rows: Int[Tensor, " m"], pos: Int[Tensor, " m"], pairs: Sequence[Pair],
+                     donor: Int[Tensor, " m"], donor_pos: Int[Tensor, " m"], put: Sink, chunk_bytes: int) -> None:
+    """The plain per-pair implementation: per (s, t) and chunk of rows one batched full forward with
+    ``replace_positions``, unembedding only the last position (``forward.logits_at``)."""
     rows, pos, donor, donor_pos = (x.cpu() for x in (rows, pos, donor, donor_pos))
-    sub = clean.enc.select(rows)
-    out = []
-    for s, t in pairs:
-        values = clean.resid_post(s)[donor, donor_pos][:, None]
-        fn = interventions.replace_positions(values, pos[:, None])
-        with torch.no_grad():
-            out.append(last_logits(model, sub, [(hooks.resid(t, "post"), fn)]))
-    return torch.stack(out)
+    step = _chunk_rows(model, chunk_bytes)
+    for i, (s, t) in enumerate(pairs):
+        for a in range(0, len(rows), step):
+            part = torch.arange(a, min(a + step, len(rows)))
+            values = clean.resid_post(s)[donor[part], donor_pos[part]][:, None]
+            fn = interventions.replace_positions(values, pos[part, None])
+            with torch.no_grad():
+                logits = logits_at(model, clean.enc.select(rows[part]), [(hooks.resid(t, "post"), fn)])
+            put(torch.full((len(part),), i), part, logits)
 
 
 # the sweep ----------------------------------------------------------------------------------------------------
@@ -291,16 +392,15 @@ def run_backpatch(
         donor = torch.tensor(list(range(n)) + [index[d.id] for d in batch_donors])
         pos_of = [positions_of(enc, every, position) for position in positions]
 
-        def compute(fast: bool, enc=enc, rows=rows, donor=donor, pos_of=pos_of):
+        def compute(fast: bool, enc=enc, rows=rows, donor=donor, pos_of=pos_of, targets=targets):
             clean = clean_run(model, enc) if fast else reference_run(model, enc)
-            patch = backpatch_logits if fast else backpatch_reference_logits
-            return clean, [patch(model, clean, rows, pos[rows], pairs, donor, pos[donor]) for pos in pos_of]
+            return clean, [backpatch_scores(model, clean, rows, pos[rows], pairs, donor, pos[donor], targets[rows],
+                                            reference=not fast) for pos in pos_of]
 
         (clean, patched), path = dispatch(model, enc, "back-patching", lambda: compute(True), lambda: compute(False),
                                           use_reference=reference)
         clean_rank, _ = _score(clean.last_logits[None], targets)
-        for position, pos, logits in zip(positions, pos_of, patched, strict=True):
-            rank, prob = _score(logits, targets[rows])
+        for position, pos, (rank, prob) in zip(positions, pos_of, patched, strict=True):
             if criterion != "first-token":
                 ok, texts = backpatch_generations(model, clean, every, rows, pos[rows], pairs, donor, pos[donor],
                                                   max_new_tokens)

@@ -333,6 +333,7 @@ def run_from(
     fwd_hooks: Sequence = (),
     block_args: BlockArgs | None = None,
     last_only: bool = False,
+    unembed: bool = True,
 ) -> Float[Tensor, "n new vocab"]:
     """Logits of the last ``new`` positions when ``resid`` enters block ``start`` and ``cache`` holds the rest.
 
@@ -340,18 +341,20 @@ def run_from(
     keys/values of every layer >= ``start`` (see ``prefix_cache``); ``fwd_hooks`` are active on the blocks run.
     The cache is extended in place, so build a fresh one per call. ``block_args`` defaults to the model's kept one.
     ``last_only``: unembed only the last position (``[n, 1, vocab]``; at a 128k vocabulary the unembedding of a
-    token costs ~2.4 Llama blocks).
+    token costs ~2.4 Llama blocks). ``unembed=False``: the final residual instead of logits (``[..., d_model]``, for
+    callers that read it out in bounded chunks).
     """
     args, kwargs = (block_args or kept_block_args(model))(resid.shape[1], attention_mask, cache)
     hooked = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
     with hooked:  # the bridge's hooks context costs ~1 ms: skipped when there is nothing to add
-        return run_blocks(model, resid, start, args, kwargs, last_only)
+        return run_blocks(model, resid, start, args, kwargs, last_only, unembed)
 
 
 def run_blocks(model, hidden: Float[Tensor, "n new d_model"], start: int, args: list, kwargs: dict,
-               last_only: bool = False) -> Float[Tensor, "n new vocab"]:
+               last_only: bool = False, unembed: bool = True) -> Float[Tensor, "n new vocab"]:
     """Blocks ``start..L-1`` then ``ln_final`` + unembed, each block called with ``args`` / ``kwargs`` (captured
-    block arguments; the hidden states are put in place of the first argument)."""
+    block arguments; the hidden states are put in place of the first argument). ``unembed=False`` returns the
+    final residual (``readout`` gives its logits)."""
     with torch.no_grad():
         for layer in range(start, model.cfg.n_layers):
             if args:
@@ -360,7 +363,8 @@ def run_blocks(model, hidden: Float[Tensor, "n new d_model"], start: int, args: 
                 kwargs["hidden_states"] = hidden
             out = model.blocks[layer](*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return readout(model, hidden[:, -1:] if last_only else hidden)
+        hidden = hidden[:, -1:] if last_only else hidden
+        return readout(model, hidden) if unembed else hidden
 
 
 def readout(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:

@@ -79,14 +79,16 @@ def run_variants(
     attention_mask: Int[Tensor, "n pos"],
     cache: DynamicCache,
     block_args: BlockArgs | None = None,
+    unembed: bool = True,
 ) -> Float[Tensor, "n k vocab"]:
-    """Logits of each of the k variants of row i's last-position residual entering block ``start``.
+    """Logits of each of the k variants of row i's last-position residual entering block ``start`` (their final
+    residuals with ``unembed=False``).
 
     ``cache``: the prefix keys/values (every position but the last) of every layer >= ``start``, extended in place.
     ``block_args`` (a ``BlockArgs`` capturing with ``variant_args``) defaults to the one kept on the model.
     """
     args, kwargs = (block_args or kept_block_args(model, variant_args))(variants.shape[1], attention_mask, cache)
-    return run_blocks(model, variants, start, args, kwargs)
+    return run_blocks(model, variants, start, args, kwargs, unembed=unembed)
 
 
 def variant_path_cause(model, variants: Float[Tensor, "n k d_model"], start: int,
