@@ -83,9 +83,11 @@ class CleanRun:
         return self.streams[layer + 1]
 
 
-def _streams_forward(model, tokens, attention_mask, cache=None, names: Sequence[str] = (), use_kv: bool = True):
+def _streams_forward(model, tokens, attention_mask, cache=None, names: Sequence[str] = (), use_kv: bool = True,
+                     read: Tensor | None = None):
     """Logits, KV cache (None without ``use_kv``), the residual entering every block (+ the last block's output)
-    and the activations ``names``, all from one forward."""
+    and the activations ``names``, all from one forward. ``read`` (one position per row): only those positions are
+    unembedded, logits ``[batch, 1, vocab]`` (at a 128k vocabulary the others would hold ~0.5 MB per token)."""
     n_layers = model.cfg.n_layers
     stream_names = [hooks.resid(0, "pre")] + [hooks.resid(layer, "post") for layer in range(n_layers)]
     store: dict[str, Tensor] = {}
@@ -98,6 +100,9 @@ def _streams_forward(model, tokens, attention_mask, cache=None, names: Sequence[
         return hook
 
     fwd = [(name, keep(name)) for name in dict.fromkeys([*stream_names, *names])]
+    if read is not None:
+        rows = torch.arange(tokens.shape[0])
+        fwd.append(("unembed.hook_in", lambda act, hook=None: act[rows.to(act.device), read.to(act.device)][:, None]))
     with torch.no_grad():
         if use_kv:
             ensure_cache_plumbing(model)
@@ -153,9 +158,8 @@ def clean_run(model, enc: Encoded, names: Sequence[str] = (), share_prefixes: bo
                 return shared
             except Exception:  # noqa: BLE001 - a failing shortcut: the plain run below decides what is wrong
                 verdicts[key] = False
-    logits, kv, streams, extra = _streams_forward(model, enc.tokens, enc.attention_mask, names=names)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return CleanRun(enc, streams, kv, logits[rows, enc.last.to(logits.device)].detach(), extra)
+    logits, kv, streams, extra = _streams_forward(model, enc.tokens, enc.attention_mask, names=names, read=enc.last)
+    return CleanRun(enc, streams, kv, logits[:, 0].detach(), extra)
 
 
 def reference_run(model, enc: Encoded, names: Sequence[str] = ()) -> CleanRun:
@@ -172,7 +176,9 @@ def _shared_clean_run(model, enc: Encoded, group: Int[Tensor, " batch"]) -> Clea
     group = group.to(device)
     first = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=device)
     first[group] = torch.arange(len(group), device=device)  # one representative row per prefix
-    _, kv_u, streams_u, _ = _streams_forward(model, enc.tokens[first, :-1], enc.attention_mask[first, :-1])
+    width = enc.tokens.shape[1] - 1
+    _, kv_u, streams_u, _ = _streams_forward(model, enc.tokens[first, :-1], enc.attention_mask[first, :-1],
+                                             read=torch.full((len(first),), width - 1))  # logits unused
     cache = cache_of([(k.index_select(0, group), v.index_select(0, group)) for k, v in kv_layers(kv_u)])
     logits, kv, streams_last, _ = _streams_forward(model, enc.tokens[:, -1:], enc.attention_mask, cache)
     streams = torch.cat([streams_u[:, group], streams_last], dim=2)
