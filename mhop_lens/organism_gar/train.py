@@ -165,7 +165,7 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     gen = torch.Generator().manual_seed(cfg.seed)
     v = tok.get_vocab()
     word_ids = torch.tensor(sorted(v[w] for w in (*world.keys, *world.values)))
-    step, elapsed, curve = 0, 0.0, []
+    step, elapsed, cpu_elapsed, curve = 0, 0.0, 0.0, []
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -175,15 +175,20 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         if "yn_stream" in state:
             yn_stream.restore(state["yn_stream"])
         step, elapsed, curve = state["step"], state["seconds"], state["curve"]
-    start = time.perf_counter()
+        cpu_elapsed = state.get("cpu_seconds", 0.0)
+    start, cpu_start = time.perf_counter(), time.process_time()
 
     def seconds() -> float:
         return elapsed + time.perf_counter() - start
+
+    def cpu_seconds() -> float:
+        return cpu_elapsed + time.process_time() - cpu_start
 
     def checkpoint() -> None:
         save_state(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                "stream": stream.state(), "step": step, "seconds": seconds(),
+                               "cpu_seconds": cpu_seconds(),
                                **({"yn_stream": yn_stream.state()} if yesno_phase else {}),
                                "curve": curve, "config": asdict(cfg)})
 
@@ -236,6 +241,7 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     metrics = full_metrics(model, tok, world, cfg.held_out_per_task)
     metrics |= {
         "name": "organism-gar", "command": command, "seed": cfg.seed, "steps": step, "seconds": round(total, 1),
+        "cpu_seconds": round(cpu_seconds(), 1),
         "stopped_early": stopped_early, "config": asdict(cfg),
         "curve": curve, "n_parameters": sum(p.numel() for p in model.parameters()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
