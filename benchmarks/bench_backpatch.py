@@ -75,22 +75,30 @@ def study_style(model, queries, pairs, setup_times: list | None = None) -> dict[
 
 def flop_floor_ratio(model, n_queries: int, width: int, clean: float = 0.0) -> float:
     """Reference FLOPs / FLOPs of recomputing only the last position from block t+1 up (per (s, t) pair),
-    with ``clean`` FLOPs (the clean run both need) added to both sides (0: the sweep alone)."""
+    with ``clean`` FLOPs (the clean run both need) added to both sides (0: the sweep alone). The reference is one
+    full forward per pair that unembeds only the last position (``forward.logits_at``), as it runs."""
     n_layers = model.cfg.n_layers
     pairs = all_pairs(n_layers)
-    reference = len(pairs) * forward_flops(model, n_queries, width)
+    one_pair = forward_flops(model, n_queries, width) - n_queries * (unembed_flops(model, width)
+                                                                    - unembed_flops(model, 1))
+    reference = len(pairs) * one_pair
     floor = n_queries * sum((n_layers - 1 - t) * block_flops(model, 1, width) + unembed_flops(model, 1)
                             for _, t in pairs)
     return (clean + reference) / (clean + floor)
 
 
 def clean_flops(model, enc) -> float:
-    """FLOPs of ``clean_run`` on ``enc``: the distinct prefixes once each, then every last token over them."""
+    """FLOPs of ``clean_run`` on ``enc``: the distinct prefixes once each, then every last token over them; one
+    position unembedded per row (``clean_run`` reads only the last one)."""
     n, width = enc.tokens.shape
     group = _prefix_groups(enc)
+
+    def last_only(rows: int, tokens: int) -> float:
+        return forward_flops(model, rows, tokens) - rows * (unembed_flops(model, tokens) - unembed_flops(model, 1))
+
     if group is None:
-        return forward_flops(model, n, width)
-    prefixes = forward_flops(model, int(group.max()) + 1, width - 1)
+        return last_only(n, width)
+    prefixes = last_only(int(group.max()) + 1, width - 1)
     return prefixes + n * (model.cfg.n_layers * block_flops(model, 1, width) + unembed_flops(model, 1))
 
 
