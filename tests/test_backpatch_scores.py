@@ -6,22 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from _hopping import tiny_queries
+from test_backpatch import _inputs as sweep_inputs
 
 from mhop_lens.analyses import backpatch as bp
-from mhop_lens.analyses.partial_forward import clean_run
-from mhop_lens.tokens import encode, first_token_ids
+from mhop_lens.tokens import first_token_ids
 
 
 def _inputs(model, qs, position):
     """Clean run, (rows, pos, donor, donor_pos) with self + shuffled donors, and each row's e3 target."""
-    enc = encode(model, [q.prompt for q in qs])
-    clean = clean_run(model, enc)
-    n = len(qs)
-    rows = torch.arange(n).repeat(2)
-    donor = torch.cat([torch.arange(n), torch.tensor(bp.derangement(n, 0))])
-    pos = bp.positions_of(enc, qs, position)
+    clean, rows, pos, donor, donor_pos = sweep_inputs(model, qs, position)
     targets = first_token_ids(model, [q.answer_prefix + q.e3 for q in qs])
-    return clean, (rows, pos[rows], donor, pos[donor]), targets[rows]
+    return clean, (rows, pos, donor, donor_pos), targets[rows]
 
 
 def _assert_same(got, want):
