@@ -238,7 +238,9 @@ def test_demo_exits_nonzero_after_writing_the_rest(tiny_dirs, tmp_path, monkeypa
     ["patch", "--limit", "20"],
     ["attribute", "--data", "organism-gar", "--limit", "20"],
     ["gar", "evaluate", "--data", "EMPTY"],
-], ids=["unknown words", "patch limit", "attribute limit", "empty GAR file"])
+    ["lens", "--limit", "2", "--sites", "resid_post,atn_out"],
+    ["attribute", "--data", "organism-gar", "--limit", "40", "--sites", "z,resdi"],
+], ids=["unknown words", "patch limit", "attribute limit", "empty GAR file", "lens site typo", "attribution site typo"])
 def test_refused_data_leaves_no_run_directory(env, argv):
     """Data refused after the model is loaded (unknown words, too few rows for a pair) still writes nothing."""
     from mhop_lens.data import FIXTURE_CSV

@@ -119,12 +119,22 @@ def attribute(**kw) -> None:
     GAR data uses its Yes/No counter-pairs (metric: logit Yes - logit No) or, with --pairs query, generation rows
     whose query key is swapped for another context key.
     """
-    from mhop_lens.analyses.attribution import COLUMN, OLD_SITES, aggregate, cost_line, exact_patching, rank_agreement
+    from mhop_lens import hooks
+    from mhop_lens.analyses.attribution import (
+        COLUMN,
+        OLD_SITES,
+        SITES,
+        aggregate,
+        cost_line,
+        exact_patching,
+        rank_agreement,
+    )
     from mhop_lens.analyses.attribution import attribute as run_atp
     from mhop_lens.models import load_model
     from mhop_lens.runs import RunStore
 
     kw["sites"] = site_list(kw["sites"], OLD_SITES)
+    hooks.act_names(_csv(kw["sites"]), SITES, OLD_SITES, "attribution", DataError)  # fails before --out is written
     model = load_model(kw["model"], device=kw["device"])
     clean, corrupt, metric, spans, ids, dropped = _pairs(kw, model)  # fails before --out is written
     store = RunStore(kw["out"], "attribute", kw)

@@ -106,10 +106,11 @@ def describe_line(early) -> str:
 @friendly_errors
 def lens(**kw) -> None:
     """Logit lens of the residual, attention and MLP outputs of every layer: ranks of e2, e3 and the prediction."""
-    from mhop_lens.analyses.lens import OLD_SITES, run_lens
+    from mhop_lens.analyses.lens import OLD_SITES, run_lens, site_names
     from mhop_lens.analyses.tuned_lens import TunedLens
 
     kw["sites"] = site_list(kw["sites"], OLD_SITES)
+    site_names(_csv(kw["sites"]))  # a typo fails before anything is written
     store, model, queries = setup_sweep("lens", kw)
     check_top_k(model, kw["top_k"])
     translator = TunedLens.load(kw["tuned_lens"], model) if kw["tuned_lens"] else None
