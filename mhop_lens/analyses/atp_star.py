@@ -105,7 +105,7 @@ def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor,
     scores, softmax, pattern @ v; no output projection, no MLP): copies along the batch dimension, ``QK_ROWS`` rows
     at a time, with the block arguments ``captured`` once per batch (:func:`_block_args`).
     """
-    from mhop_lens.analyses.partial_forward import block_call, for_call, stored
+    from mhop_lens.analyses.partial_forward import block_call, call_block, for_call, stored
 
     n, b = writes.shape[0], resid_pre.shape[0]
     out = []
@@ -120,14 +120,10 @@ def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor,
         else:  # rare: cutting would be ambiguous; capture for this call
             args, kwargs = for_call(*stored(*block_call(model, hidden.shape[1], attention_mask.repeat(w.shape[0], 1),
                                                         None)), None)
-        if args:
-            args[0] = hidden
-        else:
-            kwargs["hidden_states"] = hidden
         store: dict = {}
         with model.hooks(fwd_hooks=[(hooks.head(layer, "z"), _keep(store, "z", True))]):
             try:
-                model.blocks[layer](*args, **kwargs)
+                call_block(model, layer, hidden, args, kwargs)
             except _StopBlock:
                 pass
         out.append(rearrange(store["z"], "(w b) ... -> w b ...", w=w.shape[0]))

@@ -45,6 +45,7 @@ from mhop_lens.analyses.lens import READOUT_CHUNK_BYTES
 from mhop_lens.analyses.partial_forward import (
     BlockArgs,
     CleanRun,
+    call_block,
     clean_run,
     dispatch,
     kept_block_args,
@@ -304,13 +305,7 @@ def _layerwise(model, clean: CleanRun, rows, donor, donor_pos, pairs: Sequence[P
                     hidden = new if hidden is None else torch.cat([hidden, new], dim=1)
                 if layer == n_layers:
                     break
-                args, kwargs = calls(hidden.shape[1], mask, cache)
-                if args:
-                    args[0] = hidden
-                else:
-                    kwargs["hidden_states"] = hidden
-                got = model.blocks[layer](*args, **kwargs)
-                hidden = got[0] if isinstance(got, tuple) else got
+                hidden = call_block(model, layer, hidden, *calls(hidden.shape[1], mask, cache))
             _read_variants(model, hidden, order, a, put, chunk_bytes)  # the model's logit scale / soft cap
     return True
 

@@ -356,6 +356,18 @@ def run_from(
         return run_blocks(model, resid, start, args, kwargs, last_only, unembed)
 
 
+def call_block(model, layer: int, hidden: Float[Tensor, "n pos d_model"], args: list, kwargs: dict
+               ) -> Float[Tensor, "n pos d_model"]:
+    """Block ``layer`` on ``hidden`` with captured call arguments (the hidden states replace the first positional
+    argument, or ``hidden_states``); returns the block's output residual."""
+    if args:
+        args[0] = hidden
+    else:
+        kwargs["hidden_states"] = hidden
+    out = model.blocks[layer](*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def run_blocks(model, hidden: Float[Tensor, "n new d_model"], start: int, args: list, kwargs: dict,
                last_only: bool = False, unembed: bool = True) -> Float[Tensor, "n new vocab"]:
     """Blocks ``start..L-1`` then ``ln_final`` + unembed, each block called with ``args`` / ``kwargs`` (captured
@@ -363,12 +375,7 @@ def run_blocks(model, hidden: Float[Tensor, "n new d_model"], start: int, args: 
     final residual (``readout`` gives its logits)."""
     with torch.no_grad():
         for layer in range(start, model.cfg.n_layers):
-            if args:
-                args[0] = hidden
-            else:
-                kwargs["hidden_states"] = hidden
-            out = model.blocks[layer](*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = call_block(model, layer, hidden, args, kwargs)
         hidden = hidden[:, -1:] if last_only else hidden
         return readout(model, hidden) if unembed else hidden
 
