@@ -1,5 +1,6 @@
-"""Pieces the organisms' training loops share: the word-level tokenizer, the lr schedule, file hashes, and
-resumable training state stored without pickle (safetensors + JSON)."""
+"""Pieces the organisms' training loops share: the word-level tokenizer, the lr schedule, file hashes, resumable
+training state stored without pickle (safetensors + JSON), opening / resuming a run, its clock and its provenance.
+Each organism keeps its own step loop (batches, losses and phases differ)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import hashlib
 import json
 import math
 import os
+import platform
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +115,72 @@ def check_seed(saved: dict, seed: int, ckpt: Path) -> None:
         raise CheckpointError(f"--seed {seed} does not match the checkpoint in {ckpt.parent} (seed "
                               f"{saved.get('seed')}): resume with --seed {saved.get('seed')}, or train seed {seed} "
                               "into another --out.")
+
+
+def open_run(out: str | Path, cfg: Any, resume: bool, overwrite: bool) -> tuple[Path, dict | None, Any]:
+    """Start or resume a training run in ``out`` (one torch thread: runs are deterministic for a seed).
+
+    Returns (checkpoint path, the checkpoint's state or None, the config to train with): on resume, the config the
+    checkpoint was trained with, keeping this call's ``seconds`` and ``steps`` (a different ``seed`` is an error,
+    ``check_seed``); ``prepare_output`` decides what may be resumed or replaced."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    resume_from = prepare_output(out, resume, overwrite)
+    state = load_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        check_seed(state["config"], cfg.seed, ckpt)
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
+        cfg = type(cfg)(**{**saved, "seconds": cfg.seconds, "steps": cfg.steps})
+    return ckpt, state, cfg
+
+
+class Clock:
+    """Wall-clock and CPU seconds of a training run, summed over resumed sessions (``state`` holds the earlier
+    sessions' ``seconds`` / ``cpu_seconds``); ``session()`` is this session's wall time, for a ``--seconds`` cap."""
+
+    def __init__(self, state: dict | None = None):
+        self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
+        self._wall, self._cpu = (state["seconds"], state.get("cpu_seconds", 0.0)) if state else (0.0, 0.0)
+
+    def session(self) -> float:
+        return time.perf_counter() - self._wall0
+
+    def seconds(self) -> float:
+        return self._wall + self.session()
+
+    def cpu_seconds(self) -> float:
+        return self._cpu + time.process_time() - self._cpu0
+
+
+def restore(state: dict, model, optimizer, scheduler, generator) -> int:
+    """Load a checkpoint's model, optimizer, scheduler and sampler RNG; return its step."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    return state["step"]
+
+
+def run_state(model, optimizer, scheduler, generator, step: int, clock: Clock, curve: list, cfg: Any,
+              **extra) -> dict:
+    """What ``save_state`` checkpoints for every organism (``extra``: an organism's own sampler states)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "step": step, "seconds": clock.seconds(),
+            "cpu_seconds": clock.cpu_seconds(), "curve": curve, "config": asdict(cfg), **extra}
+
+
+def provenance(out: Path) -> dict:
+    """Library versions and the trained weights' hash, for metrics.json."""
+    import torch
+    import transformers
+
+    return {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "sha256": {"model.safetensors": sha256(Path(out) / "model.safetensors")}}
 
 
 def _encode(obj: Any, tensors: dict, path: str) -> Any:

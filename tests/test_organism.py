@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from mhop_lens.cli.organisms import organism as organism_cli
 from mhop_lens.organism import World, assets_dir
-from mhop_lens.organism.train import CHECKPOINT, TrainConfig, build_tokenizer, encode_world, sha256, train
-from mhop_lens.training import load_state
+from mhop_lens.organism.train import TrainConfig, build_tokenizer, encode_world, train
+from mhop_lens.training import CHECKPOINT, load_state, sha256
 
 SHIPPED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "world.json",
            "metrics.json"]

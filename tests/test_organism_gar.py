@@ -13,9 +13,9 @@ from transformers import LlamaForCausalLM
 from mhop_lens.cli.organisms import organism_gar as organism_gar_cli
 from mhop_lens.organism_gar import assets_dir
 from mhop_lens.organism_gar.evaluate import eval_set, held_out_contexts, score
-from mhop_lens.organism_gar.train import CHECKPOINT, Stream, TrainConfig, sha256, train
+from mhop_lens.organism_gar.train import Stream, TrainConfig, train
 from mhop_lens.organism_gar.world import ROW_FORMS, build_tokenizer, build_world, examples, rows_of, vocab
-from mhop_lens.training import load_state
+from mhop_lens.training import CHECKPOINT, load_state, sha256
 
 SHIPPED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "world.json",
            "metrics.json"]

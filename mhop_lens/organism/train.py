@@ -8,13 +8,10 @@ resumes where it stopped.
 from __future__ import annotations
 
 import json
-import platform
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -22,12 +19,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mhop_lens.organism.world import World
 from mhop_lens.training import (
-    CHECKPOINT,
-    check_seed,
-    load_state,
-    prepare_output,
+    Clock,
+    open_run,
+    provenance,
+    restore,
+    run_state,
     save_state,
-    sha256,
     warmup_cosine,
     word_tokenizer,
 )
@@ -177,16 +174,10 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     metrics["seconds"] is wall-clock from start to final evaluation (summed over resumed sessions);
     "cpu_seconds" is this process's CPU time, which is what the run costs on an unshared core.
     """
-    start, cpu_start = time.perf_counter(), time.process_time()
-    torch.set_num_threads(1)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-    resume_from = prepare_output(out, resume, overwrite)
-    state = load_state(resume_from) if resume_from is not None else None
+    ckpt_path, state, cfg = open_run(out, cfg, resume, overwrite)
+    clock = Clock(state)
     if state is not None:
-        check_seed(state["config"], cfg.seed, ckpt_path)
-        cfg = TrainConfig(**{**state["config"], "seconds": cfg.seconds, "steps": cfg.steps})
         world = World.load(out / "world.json")
     else:
         world = World.generate(cfg.seed, cfg.n_entities, cfg.n_relations, cfg.two_hop_train_fraction)
@@ -199,34 +190,17 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, elapsed, cpu_elapsed, curve = 0, 0.0, 0.0, []
+    step, curve = 0, []
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step, elapsed, curve = state["step"], state["seconds"], state["curve"]
-        cpu_elapsed = state.get("cpu_seconds", 0.0)
-
-    def seconds() -> float:
-        return elapsed + time.perf_counter() - start
-
-    def cpu_seconds() -> float:
-        return cpu_elapsed + time.process_time() - cpu_start
+        step, curve = restore(state, model, opt, sched, gen), state["curve"]
 
     def checkpoint() -> None:
-        save_state(
-            ckpt_path,
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "generator": gen.get_state(), "step": step, "seconds": seconds(),
-             "cpu_seconds": cpu_seconds(), "curve": curve,
-             "config": asdict(cfg)},
-        )
+        save_state(ckpt_path, run_state(model, opt, sched, gen, step, clock, curve, cfg))
 
     stopped_early = False
     bar = tqdm(total=cfg.steps, initial=step, desc="organism", unit="step")
     while step < cfg.steps:
-        if cfg.seconds is not None and time.perf_counter() - start >= cfg.seconds:
+        if cfg.seconds is not None and clock.session() >= cfg.seconds:
             stopped_early = True
             break
         model.train()
@@ -243,7 +217,7 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = evaluate(model, curve_data)
-            point = {"step": step, "seconds": round(seconds(), 1), "cpu_seconds": round(cpu_seconds(), 1)}
+            point = {"step": step, "seconds": round(clock.seconds(), 1), "cpu_seconds": round(clock.cpu_seconds(), 1)}
             curve.append(point | {"loss": round(loss.item(), 4)} | {k: round(v, 4) for k, v in acc.items()})
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in acc.items()})
         if step % cfg.checkpoint_every == 0:
@@ -252,7 +226,7 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     checkpoint()
     model.save_pretrained(out)
     acc = evaluate(model, data)
-    total_seconds, total_cpu = seconds(), cpu_seconds()
+    total_seconds, total_cpu = clock.seconds(), clock.cpu_seconds()
     metrics = {
         "accuracy": acc,
         "counts": {k: len(data[k].answers) for k in SPLITS},
@@ -267,9 +241,7 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         "world": {"n_entities": len(world.entities), "n_relations": len(world.relations),
                   "n_two_hop_train": len(world.two_hop["train"]),
                   "n_two_hop_heldout": len(world.two_hop["heldout"])},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "sha256": {"model.safetensors": sha256(out / "model.safetensors")},
+        **provenance(out),
         "curve": curve,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

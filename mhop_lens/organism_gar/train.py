@@ -15,13 +15,10 @@ curve, so a stopped run resumes.
 from __future__ import annotations
 
 import json
-import platform
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import transformers
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -37,9 +34,9 @@ from mhop_lens.organism_gar.world import (
     build_world,
     vocab,
 )
-from mhop_lens.training import CHECKPOINT, check_seed, load_state, prepare_output, save_state, sha256, warmup_cosine
+from mhop_lens.training import Clock, open_run, provenance, restore, run_state, save_state, warmup_cosine
 
-__all__ = ["CHECKPOINT", "TrainConfig", "accuracy_by_form", "answer_ids", "encode", "pad", "predict", "train"]
+__all__ = ["TrainConfig", "accuracy_by_form", "answer_ids", "encode", "pad", "predict", "train"]
 
 
 def build_model(cfg: TrainConfig, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -135,17 +132,8 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     trained model is only replaced with ``overwrite=True``.
     ``cfg.seconds`` caps this session's wall-clock time (the run stops early and says so; resume continues).
     """
-
-    torch.set_num_threads(1)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-    resume_from = prepare_output(out, resume, overwrite)
-    state = load_state(resume_from) if resume_from is not None else None
-    if state is not None:
-        check_seed(state["config"], cfg.seed, ckpt_path)
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
-        cfg = TrainConfig(**{**saved, "seconds": cfg.seconds, "steps": cfg.steps})
+    ckpt_path, state, cfg = open_run(out, cfg, resume, overwrite)
     world = build_world()
     tok = build_tokenizer(vocab(world))
     tok.save_pretrained(out)
@@ -165,38 +153,23 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     gen = torch.Generator().manual_seed(cfg.seed)
     v = tok.get_vocab()
     word_ids = torch.tensor(sorted(v[w] for w in (*world.keys, *world.values)))
-    step, elapsed, cpu_elapsed, curve = 0, 0.0, 0.0, []
+    step, curve = 0, []
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
+        step, curve = restore(state, model, opt, sched, gen), state["curve"]
         stream.restore(state["stream"])
         if "yn_stream" in state:
             yn_stream.restore(state["yn_stream"])
-        step, elapsed, curve = state["step"], state["seconds"], state["curve"]
-        cpu_elapsed = state.get("cpu_seconds", 0.0)
-    start, cpu_start = time.perf_counter(), time.process_time()
-
-    def seconds() -> float:
-        return elapsed + time.perf_counter() - start
-
-    def cpu_seconds() -> float:
-        return cpu_elapsed + time.process_time() - cpu_start
+    clock = Clock(state)
 
     def checkpoint() -> None:
-        save_state(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                               "stream": stream.state(), "step": step, "seconds": seconds(),
-                               "cpu_seconds": cpu_seconds(),
-                               **({"yn_stream": yn_stream.state()} if yesno_phase else {}),
-                               "curve": curve, "config": asdict(cfg)})
+        save_state(ckpt_path, run_state(model, opt, sched, gen, step, clock, curve, cfg, stream=stream.state(),
+                                        **({"yn_stream": yn_stream.state()} if yesno_phase else {})))
 
     n_rep = round(cfg.rep_fraction * cfg.batch_size)
     stopped_early = False
     bar = tqdm(total=cfg.steps, initial=step, desc=NAME_BAR, unit="step")
     while step < cfg.steps:
-        if cfg.seconds is not None and time.perf_counter() - start >= cfg.seconds:
+        if cfg.seconds is not None and clock.session() >= cfg.seconds:
             stopped_early = True
             break
         model.train()
@@ -228,7 +201,7 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = accuracy_by_form(model, tok, curve_rows)
-            curve.append({"step": step, "seconds": round(seconds(), 1), "loss": round(loss_main.item(), 4),
+            curve.append({"step": step, "seconds": round(clock.seconds(), 1), "loss": round(loss_main.item(), 4),
                           "loss_repeat": round(loss_rep.item(), 4)} | {k: round(a, 4) for k, a in acc.items()})
             bar.set_postfix(loss=f"{loss_main.item():.3f}", **{k[:8]: f"{a:.2f}" for k, a in acc.items()})
             tqdm.write(json.dumps(curve[-1]))
@@ -236,17 +209,15 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
             checkpoint()
     bar.close()
     checkpoint()
-    total = seconds()
+    total = clock.seconds()
     model.save_pretrained(out)
     metrics = full_metrics(model, tok, world, cfg.held_out_per_task)
     metrics |= {
         "name": "organism-gar", "command": command, "seed": cfg.seed, "steps": step, "seconds": round(total, 1),
-        "cpu_seconds": round(cpu_seconds(), 1),
+        "cpu_seconds": round(clock.cpu_seconds(), 1),
         "stopped_early": stopped_early, "config": asdict(cfg),
         "curve": curve, "n_parameters": sum(p.numel() for p in model.parameters()),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "sha256": {"model.safetensors": sha256(out / "model.safetensors")},
+        **provenance(out),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

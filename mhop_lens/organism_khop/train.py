@@ -11,13 +11,10 @@ scheduler, sampler RNG and curve, so an interrupted run resumes where it stopped
 from __future__ import annotations
 
 import json
-import platform
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -25,7 +22,7 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mhop_lens.organism.train import build_model, build_tokenizer
 from mhop_lens.organism_khop.world import KHopWorld
-from mhop_lens.training import CHECKPOINT, check_seed, load_state, prepare_output, save_state, sha256, warmup_cosine
+from mhop_lens.training import Clock, open_run, provenance, restore, run_state, save_state, warmup_cosine
 
 DEPTH_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -144,17 +141,10 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     ``cfg.seconds`` caps this session's wall-clock time (the run stops early and says so; --resume continues with
     the same seed); a directory that already holds a trained model is only replaced with ``overwrite=True``.
     """
-    start, cpu_start = time.perf_counter(), time.process_time()
-    torch.set_num_threads(1)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-    resume_from = prepare_output(out, resume, overwrite)
-    state = load_state(resume_from) if resume_from is not None else None
+    ckpt_path, state, cfg = open_run(out, cfg, resume, overwrite)
+    clock = Clock(state)
     if state is not None:
-        check_seed(state["config"], cfg.seed, ckpt_path)
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
-        cfg = TrainConfig(**{**saved, "seconds": cfg.seconds, "steps": cfg.steps})
         world = KHopWorld.load(out / "world.json")
     else:
         world = KHopWorld.generate(cfg.seed, cfg.n_entities, cfg.n_relations, cfg.depth, cfg.train_fraction)
@@ -169,30 +159,17 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, elapsed, cpu_elapsed, curve = 0, 0.0, 0.0, []
+    step, curve = 0, []
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step, elapsed, cpu_elapsed, curve = state["step"], state["seconds"], state["cpu_seconds"], state["curve"]
-
-    def seconds() -> float:
-        return elapsed + time.perf_counter() - start
-
-    def cpu_seconds() -> float:
-        return cpu_elapsed + time.process_time() - cpu_start
+        step, curve = restore(state, model, opt, sched, gen), state["curve"]
 
     def checkpoint() -> None:
-        save_state(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step,
-                               "seconds": seconds(), "cpu_seconds": cpu_seconds(), "curve": curve,
-                               "config": asdict(cfg)})
+        save_state(ckpt_path, run_state(model, opt, sched, gen, step, clock, curve, cfg))
 
     stopped_early = False
     bar = tqdm(total=cfg.steps, initial=step, desc="organism-khop", unit="step")
     while step < cfg.steps:
-        if cfg.seconds is not None and time.perf_counter() - start >= cfg.seconds:
+        if cfg.seconds is not None and clock.session() >= cfg.seconds:
             stopped_early = True
             break
         model.train()
@@ -208,8 +185,9 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = evaluate(model, curve_data)
-            curve.append({"step": step, "seconds": round(seconds(), 1), "cpu_seconds": round(cpu_seconds(), 1),
-                          "loss": round(loss.item(), 4)} | {k: round(v, 4) for k, v in acc.items()})
+            curve.append({"step": step, "seconds": round(clock.seconds(), 1),
+                          "cpu_seconds": round(clock.cpu_seconds(), 1), "loss": round(loss.item(), 4)}
+                         | {k: round(v, 4) for k, v in acc.items()})
             tqdm.write(json.dumps(curve[-1]))
         if step % cfg.checkpoint_every == 0:
             checkpoint()
@@ -223,13 +201,11 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False, command: str 
         "counts": {k: len(sp.ids) for k, sp in data.items()},
         "heldout_per_hop": per_hop(model, world, tokenizer, data[held], world.chains["heldout"]),
         "steps": step, "target_steps": cfg.steps, "stopped_early": stopped_early,
-        "seconds": round(seconds(), 1), "cpu_seconds": round(cpu_seconds(), 1),
+        "seconds": round(clock.seconds(), 1), "cpu_seconds": round(clock.cpu_seconds(), 1),
         "seed": cfg.seed, "command": command, "config": asdict(cfg),
         "world": {"n_entities": len(world.entities), "n_relations": len(world.relations), "depth": world.depth,
                   "n_train": len(world.chains["train"]), "n_heldout": len(world.chains["heldout"])},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "sha256": {"model.safetensors": sha256(out / "model.safetensors")},
+        **provenance(out),
         "curve": curve,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
