@@ -91,16 +91,15 @@ def test_last_target_layer_joins_the_layerwise_pass(tmp_path):
 
 
 SWEEP_PEAK = """
-import sys, threading, time, torch
+import sys, torch
+from pathlib import Path
 from mhop_lens.models import load_model
 from mhop_lens.analyses import backpatch as bp
 from mhop_lens.analyses.partial_forward import clean_run
 from mhop_lens.tokens import encode
-sys.path.insert(0, sys.argv[3])
+sys.path[:0] = [sys.argv[3], str(Path(sys.argv[3]).parent / "benchmarks")]
 from _hopping import tiny_queries
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+from real_shapes import peak_anon
 model = load_model(sys.argv[1], device="cpu")
 qs = tiny_queries() * 4
 enc = encode(model, [q.prompt for q in qs])
@@ -115,17 +114,8 @@ sweep = {"scores": lambda: bp.backpatch_scores(model, clean, rows, pos, pairs, d
 with torch.no_grad():
     clean = clean_run(model, enc)
     bp.backpatch_scores(model, clean, rows[:4], pos[:4], pairs, donor[:4], pos[:4], targets[:4], chunk_bytes=chunk)
-    start, peak, done = anon(), [0], threading.Event()
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.0005)
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    sweep[how]()
-    done.set()
-    t.join()
-print(len(pairs) * len(rows), max(peak[0], anon()) - start)
+    _, peak, start = peak_anon(sweep[how])
+print(len(pairs) * len(rows), peak - start)
 """
 
 

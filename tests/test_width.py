@@ -102,12 +102,11 @@ def test_real_shape_configs():
 
 
 READOUT_PEAK = """
-import sys, threading, time, torch
+import sys, torch
 from mhop_lens.models import load_model
 from mhop_lens.analyses.lens import read_stats as readout
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+sys.path.insert(0, sys.argv[3])
+from real_shapes import peak_anon
 model = load_model(sys.argv[1], device="cpu")
 torch.manual_seed(0)
 x = torch.randn(16, 128, model.cfg.d_model)
@@ -115,17 +114,8 @@ ids = {"a": torch.randint(0, model.cfg.d_vocab, (16, 128))}
 chunk = int(sys.argv[2])
 with torch.no_grad():
     readout(model, x[:1], {"a": ids["a"][:1]}, chunk_bytes=chunk)
-    start, peak, done = anon(), [0], threading.Event()
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.0005)
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    readout(model, x, ids, chunk_bytes=chunk)
-    done.set()
-    t.join()
-print(max(peak[0], anon()) - start)
+    _, peak, start = peak_anon(lambda: readout(model, x, ids, chunk_bytes=chunk))
+print(peak - start)
 """
 
 
@@ -135,10 +125,12 @@ def _readout_growth(path, chunk: int) -> int:
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", READOUT_PEAK, str(path), str(chunk)], capture_output=True,
-                         text=True, env=env, check=True)
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"  # real_shapes.peak_anon: the benchmarks' sampler
+    out = subprocess.run([sys.executable, "-c", READOUT_PEAK, str(path), str(chunk), str(benchmarks)],
+                         capture_output=True, text=True, env=env, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
