@@ -95,8 +95,7 @@ def decode_ids(model, ids: Tensor) -> list[str]:
 def lens_batch(model, queries: Sequence[TwoHopQuery], positions: Sequence[S.PositionSpec] = ("last",),
                sites: Sequence[str] = DEFAULT_SITES, top_k: int = 5,
                translator: Translator | None = None) -> pd.DataFrame:
-    """Lens rows of one batch (see ``run_lens``)."""
-    sites = site_names(sites, stacklevel=5)
+    """Lens rows of one batch (see ``run_lens``, which checks ``sites``)."""
     n_layers = model.cfg.n_layers
     enc = encode(model, [q.prompt for q in queries])
     names = [SITES[s](layer) for s in sites for layer in range(n_layers)]
