@@ -7,12 +7,13 @@ Settings (each skipped with a note when its model is missing):
 - ``tiny``: a tiny random GPT-2 (word vocabulary) on GAR Yes/No counter-pairs (mechanics only);
 - ``gpt2-small-shape``: a random 12-layer, 768-d, 12-head GPT-2 on two-hop-style prompts (cost at real width).
 
-AtP* (``method="atp-star"``) is timed beside AtP with both QK fixes (``frozen-norm``, the default, and ``exact``),
-each with its passes per batch and forward-equivalents (matmul FLOPs actually run over one forward of the batch,
+AtP* (``method="atp-star"``) is timed beside AtP with every QK fix (``exact``, ``frozen-norm``, ``chained``;
+columns ``star_<fix>_*``; the chained fix also without GradDrop, ``star_chained_no_grad_drop_*``), each with its
+passes per batch and forward-equivalents (matmul FLOPs actually run over one forward of the batch,
 activation-gradient backwards included; equal to torch's ``FlopCounterMode``, tests/test_attribution.py);
-``star_flop_ratio`` = exact patching's forward-equivalents / AtP*'s (the cost acceptance),
-``star_flop_ratio_2x_backward`` the same with backwards counted at 2x a forward, ``star_speedup`` = exact time /
-AtP* time in the same run.
+``star_<fix>_flop_ratio`` = exact patching's forward-equivalents / AtP*'s (the cost acceptance),
+``star_<fix>_flop_ratio_2x_backward`` the same with backwards counted at 2x a forward, ``star_<fix>_speedup`` =
+exact time / AtP* time in the same run.
 Run: ``python benchmarks/bench_attribution.py [--quick] [--settings gpt2-small-shape]
 [--out results.json]``. Ratios compare runs made here.
 """
@@ -28,6 +29,7 @@ import time
 import torch
 
 from mhop_lens.analyses import metrics
+from mhop_lens.analyses.atp_star import QK_FIXES
 from mhop_lens.analyses.attribution import attribute, cost_line, exact_patching, rank_agreement
 from mhop_lens.errors import ModelLoadError
 from mhop_lens.models import load_model
@@ -75,39 +77,36 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
     exact = exact_patching(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size)
     t_exact = time.perf_counter() - t0
     agree = rank_agreement(atp, exact)
-    attribute(model, clean[:1], corrupt[:1], metric, sites=("z",), method="atp-star", qk_fix="frozen-norm")
-    t0 = time.perf_counter()
-    star = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, method="atp-star",
-                     qk_fix="frozen-norm")
-    t_star = time.perf_counter() - t0
-    star_agree = rank_agreement(star, exact, value="atp_star")
-    t0 = time.perf_counter()
-    star_x = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, method="atp-star",
-                       qk_fix="exact")
-    t_star_x = time.perf_counter() - t0
-    star_x_agree = rank_agreement(star_x, exact, value="atp_star")
     row = {"setting": name, "pairs": len(clean), "heads": model.cfg.n_layers * model.cfg.n_heads,
            "atp_s": t_atp, "atp_forwards_per_batch": atp.attrs["forwards_per_batch"],
            "atp_backwards_per_batch": atp.attrs["backwards_per_batch"], "exact_s": t_exact,
            "exact_forwards_per_batch": exact.attrs["forwards_per_batch"], "speedup": t_exact / t_atp,
            "metric_clean": float(atp["metric_clean"].mean()), "metric_corrupt": float(atp["metric_corrupt"].mean()),
-           **agree, "star_s": t_star, "star_speedup": t_exact / t_star,
-           "star_forward_equivalents_per_batch": star.attrs["forward_equivalents_per_batch"],
-           "exact_forward_equivalents_per_batch": exact.attrs["forward_equivalents_per_batch"],
-           "star_spearman": star_agree["spearman"], "star_spearman_abs": star_agree["spearman_abs"],
-           "star_top_exact_atp": star_agree["top_exact_atp"], "star_cost": cost_line(star.attrs),
-           "star_qk_fix_used": star.attrs["qk_fix_used"],
-           "star_flop_ratio": exact.attrs["forward_equivalents_per_batch"]
-           / star.attrs["forward_equivalents_per_batch"],
-           "star_flop_ratio_2x_backward": exact.attrs["forward_equivalents_per_batch"]
-           / star.attrs["forward_equivalents_2x_backward_per_batch"],
-           "star_exact_s": t_star_x, "star_exact_cost": cost_line(star_x.attrs),
-           "star_exact_forward_equivalents_per_batch": star_x.attrs["forward_equivalents_per_batch"],
-           "star_exact_flop_ratio": exact.attrs["forward_equivalents_per_batch"]
-           / star_x.attrs["forward_equivalents_per_batch"],
-           "star_exact_spearman": star_x_agree["spearman"],
+           **agree, "exact_forward_equivalents_per_batch": exact.attrs["forward_equivalents_per_batch"],
            "atp_forward_equivalents_per_batch": atp.attrs["forward_equivalents_per_batch"],
            "exact_cost": cost_line(exact.attrs)}
+    for fix, grad_drop in [(f, True) for f in QK_FIXES] + [("chained", False)]:
+        kw = dict(sites=("z",), method="atp-star", qk_fix=fix, grad_drop=grad_drop)
+        attribute(model, clean[:1], corrupt[:1], metric, **kw)
+        t0 = time.perf_counter()
+        star = attribute(model, clean, corrupt, metric, batch_size=batch_size, **kw)
+        t_star = time.perf_counter() - t0
+        star_agree = rank_agreement(star, exact, value="atp_star")
+        key = "star_" + fix.replace("-", "_") + ("" if grad_drop else "_no_grad_drop")
+        row.update({f"{key}_s": t_star, f"{key}_speedup": t_exact / t_star, f"{key}_cost": cost_line(star.attrs),
+                    f"{key}_qk_fix_used": star.attrs["qk_fix_used"],
+                    f"{key}_forward_equivalents_per_batch": star.attrs["forward_equivalents_per_batch"],
+                    f"{key}_flop_ratio": exact.attrs["forward_equivalents_per_batch"]
+                    / star.attrs["forward_equivalents_per_batch"],
+                    f"{key}_flop_ratio_2x_backward": exact.attrs["forward_equivalents_per_batch"]
+                    / star.attrs["forward_equivalents_2x_backward_per_batch"],
+                    f"{key}_spearman": star_agree["spearman"], f"{key}_spearman_abs": star_agree["spearman_abs"],
+                    f"{key}_top_exact_atp": star_agree["top_exact_atp"]})
+        print(f"[{name}] AtP* qk_fix={fix}{'' if grad_drop else ' without GradDrop'} {t_star:.2f}s "
+              f"({row[f'{key}_cost']}; {row[f'{key}_qk_fix_used']}): "
+              f"{row[f'{key}_flop_ratio']:.1f}x cheaper than exact patching by FLOPs "
+              f"({row[f'{key}_flop_ratio_2x_backward']:.1f}x with backwards at 2x), {row[f'{key}_speedup']:.1f}x "
+              f"faster; Spearman {row[f'{key}_spearman']:.3f} (|.| {row[f'{key}_spearman_abs']:.3f})", flush=True)
     if ig_steps:
         t0 = time.perf_counter()
         ig = attribute(model, clean, corrupt, metric, sites=("z",), batch_size=batch_size, ig_steps=ig_steps)
@@ -120,17 +119,6 @@ def measure(name, model, clean, corrupt, metric, batch_size, ig_steps=0):
           f"{agree['spearman']:.3f} (|.| {agree['spearman_abs']:.3f}); top exact {agree['top_exact_node']} "
           f"{agree['top_exact_effect']:+.3f} vs AtP {agree['top_exact_atp']:+.3f}"
           + (f"; IG({ig_steps}) Spearman {row['ig_spearman']:.3f}" if ig_steps else ""), flush=True)
-    print(f"[{name}] AtP* {t_star:.2f}s ({row['star_cost']}) vs exact ({row['exact_cost']}): "
-          f"{row['star_speedup']:.1f}x faster; Spearman {row['star_spearman']:.3f} "
-          f"(|.| {row['star_spearman_abs']:.3f})", flush=True)
-    print(f"[{name}] AtP* qk_fix=exact {t_star_x:.2f}s ({row['star_exact_cost']}); Spearman "
-          f"{row['star_exact_spearman']:.3f}", flush=True)
-    print(f"[{name}] forward-equivalents per batch (matmul FLOPs / one forward): AtP "
-          f"{row['atp_forward_equivalents_per_batch']:.1f}, AtP* frozen-norm "
-          f"{row['star_forward_equivalents_per_batch']:.1f} ({row['star_qk_fix_used']}), AtP* exact recompute "
-          f"{row['star_exact_forward_equivalents_per_batch']:.1f}, exact patching "
-          f"{row['exact_forward_equivalents_per_batch']:.1f}: AtP* {row['star_flop_ratio']:.1f}x / "
-          f"{row['star_exact_flop_ratio']:.1f}x cheaper than exact patching", flush=True)
     return row
 
 

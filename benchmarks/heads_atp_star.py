@@ -5,7 +5,8 @@ organism), metric logit(Yes) - logit(No), every head's ``hook_z``. Prints signed
 exact patching's top 4 are in each method's top 6, the top exact head's estimate, and passes per batch.
 ``--diagnose L0H1 [--diagnose-pairs 64]`` instead adds the head's write (``delta z W_O``) to the attention input
 of single later layers of the corrupted run and prints the metric change per route (why AtP* misses it).
-AtP* runs with both QK fixes (``atp-star:exact``, the library default, and ``atp-star:frozen-norm``; ``--methods``).
+AtP* runs with every QK fix (``atp-star:chained``, the library default, ``atp-star:exact``, the paper's one-softmax
+depth, and ``atp-star:frozen-norm``; ``--methods``).
 Run: ``python benchmarks/heads_atp_star.py [--pairs 400] [--model organism-gar] [--out results.json]``.
 """
 
@@ -65,8 +66,9 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--methods", default="atp,atp-star:frozen-norm,atp-star:exact,ig",
-                        help="Comma list beside exact patching: atp, ig, atp-star:frozen-norm, atp-star:exact.")
+    parser.add_argument("--methods", default="atp,atp-star:chained,atp-star:exact,atp-star:frozen-norm,ig",
+                        help="Comma list beside exact patching: atp, ig, atp-star:chained, atp-star:exact, "
+                             "atp-star:frozen-norm.")
     parser.add_argument("--diagnose", default=None, help="A head, e.g. L0H1: print its routes instead.")
     parser.add_argument("--diagnose-pairs", type=int, default=64)
     args = parser.parse_args()
@@ -92,7 +94,7 @@ def main() -> None:
             name, _, fix = method.partition(":")
             runs[method] = attribute(model, pairs.clean, pairs.corrupted, metric, sites=("z",), method=name,
                                      ig_steps=args.ig_steps if name == "ig" else 0, batch_size=args.batch_size,
-                                     qk_fix=fix or "exact")
+                                     qk_fix=fix or "chained")
         seconds = time.perf_counter() - t0
         print(f"[{method}] {seconds:.1f}s; {cost_line(runs[method].attrs)}", flush=True)
         columns = {"atp": ["atp"], "ig": ["atp_ig"]}.get(method, ["atp_star", "atp_star_gd", "atp"]

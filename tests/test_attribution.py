@@ -138,28 +138,34 @@ def test_ig_recovers_exact_head_ranking_on_the_organism(organism):
     assert rank_agreement(ig, exact)["spearman"] > 0.8
 
 
-def test_atp_star_passes_counted_by_independent_hooks(tiny_models):
-    """AtP* (exact recompute): 2 forwards + 1 full backward (seen by the test's own hooks), L-1 partial backwards
-    (GradDrop) and L-1 recompute passes (block calls only), plus one forward stopped at block 0 for the block
-    arguments."""
+@pytest.mark.parametrize("qk_fix", ["exact", "chained"])
+def test_atp_star_passes_counted_by_independent_hooks(tiny_models, qk_fix):
+    """AtP* (exact or chained recompute): 2 forwards + 1 full backward (seen by the test's own hooks), L-1 partial
+    backwards (GradDrop) and L-1 recompute passes (block calls only, with each layer's own block arguments from the
+    corrupted forward: no extra forward); without GradDrop no partial backward and no ``atp_star_gd`` column."""
     model = tiny_models["llama"]
     clean, corrupt = _aligned(model)
     with independent_pass_count(model) as counts:
         frame = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star",
-                          batch_size=len(clean), qk_fix="exact")
+                          batch_size=len(clean), qk_fix=qk_fix)
     n_layers = model.cfg.n_layers
-    assert frame.attrs["capture_forwards_per_batch"] == 1
-    assert counts == {"fwd": 2 + 1, "bwd": 1}
+    assert "capture_forwards" not in frame.attrs
+    assert counts == {"fwd": 2, "bwd": 1}
     assert frame.attrs["forwards_per_batch"] == 2 and frame.attrs["backwards_per_batch"] == 1
     assert frame.attrs["partial_backwards_per_batch"] == n_layers - 1
     assert frame.attrs["qk_passes_per_batch"] == n_layers - 1
+    no_gd = attribute(model, clean, corrupt, _metric(model, len(clean)), sites=("z",), method="atp-star",
+                      batch_size=len(clean), qk_fix=qk_fix, grad_drop=False)
+    assert "atp_star_gd" not in no_gd and "partial_backwards" not in no_gd.attrs
+    assert np.allclose(no_gd["atp_star"], frame["atp_star"], atol=1e-6)
+    assert no_gd.attrs["forward_equivalents_per_batch"] < frame.attrs["forward_equivalents_per_batch"]
     exact = exact_patching(model, clean, corrupt, _metric(model, len(clean)), batch_size=len(clean))
     assert frame.attrs["forward_equivalents_per_batch"] < exact.attrs["forward_equivalents_per_batch"]
     assert all(p.grad is None for p in model.parameters())
     assert all(not hp._forward_hooks and not hp._backward_hooks for hp in model.hook_dict.values())
 
 
-@pytest.mark.parametrize("qk_fix", ["exact", "frozen-norm"])
+@pytest.mark.parametrize("qk_fix", ["chained", "exact", "frozen-norm"])
 def test_atp_star_is_zero_without_perturbation_and_atp_in_the_last_layer(tiny_model, qk_fix):
     model = tiny_model
     clean, corrupt = _aligned(model)
@@ -234,7 +240,8 @@ def test_atp_star_frozen_norm_passes_and_flops(tiny_models):
         assert a["flops_forward_unit"] == forward_flops(model, *enc.tokens.shape)
         assert measured == pytest.approx(claimed, rel=1e-9), (arch, measured, claimed)
         assert a["forward_equivalents_2x_backward_per_batch"] > a["forward_equivalents_per_batch"]
-        for fn, extra in ((attribute, dict(method="atp-star", qk_fix="exact")), (attribute, {}),
+        for fn, extra in ((attribute, dict(method="atp-star", qk_fix="exact")),
+                          (attribute, dict(method="atp-star", qk_fix="chained", grad_drop=False)), (attribute, {}),
                           (exact_patching, {})):
             other, measured, claimed = counted(fn, *args, **kw, **extra)
             assert measured == pytest.approx(claimed, rel=1e-9), (arch, other.attrs["method"], measured, claimed)
@@ -330,3 +337,155 @@ def test_atp_star_on_shared_norm_parallel_blocks(tmp_path):
             gaps[fix, alpha] = float((star - atp).abs().max() / atp.abs().max())
     for fix in ("frozen-norm", "exact"):
         assert gaps[fix, 1e-2] < 0.2 * gaps[fix, 1e-1] + 1e-5 and gaps[fix, 1e-2] < 0.01, gaps
+
+
+#: MLP output projections by architecture family (zeroed: the MLPs then write a constant).
+MLP_OUT = ("mlp.c_proj", "down_proj", "dense_4h_to_h", "fc_out")
+
+
+def _mlp_free(path, arch: str, qk_gain: float = 1.0):
+    """A 4-layer random ``arch`` model whose MLPs write nothing (output projections zero); GPT-2's q/k weights
+    scaled by ``qk_gain`` (sharper, more saturated attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from mhop_lens.tiny_models import load_tiny_model, save_tiny_model
+
+    path = save_tiny_model(path, arch, n_layers=4, seed=3)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        zeroed = [m.weight.zero_() for n, m in hf.named_modules() if n.endswith(MLP_OUT)]
+        assert len(zeroed) == 4, arch
+        if arch == "gpt2":
+            for block in hf.transformer.h:
+                block.attn.c_attn.weight[:, : 2 * hf.config.n_embd] *= qk_gain
+    hf.save_pretrained(path)
+    return load_tiny_model(path)
+
+
+def _patching_readout(model, clean, corrupt, metric) -> dict:
+    """Per (layer, head): gradient at the final residual . the residual change exact patching of the head makes
+    (plain hooks, one head at a time)."""
+    from mhop_lens.forward import last_logits
+
+    rows = torch.arange(len(clean))
+    enc_c, enc_k = encode_pairs(model, clean, corrupt)
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    store: dict = {}
+
+    def keep_as(key):
+        def hook(act, hook):
+            store[key] = act
+            return act
+
+        return hook
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(final, keep_as(final))]):
+        grad = torch.autograd.grad(metric(last_logits(model, enc_k), rows).sum(), store[final])[0]
+    base = store[final].detach()
+    names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep_as(n)) for n in names]):
+        last_logits(model, enc_c)
+    clean_z = {n: store[n].clone() for n in names}
+    expected = {}
+    for layer, name in enumerate(names):
+        for head in range(model.cfg.n_heads):
+            def patch(act, hook, name=name, head=head):
+                act = act.clone()
+                act[:, :, head] = clean_z[name][:, :, head]
+                return act
+
+            with torch.no_grad(), model.hooks(fwd_hooks=[(name, patch), (final, keep_as(final))]):
+                last_logits(model, enc_k)
+            expected[layer, head] = ((store[final] - base) * grad).sum((1, 2)).numpy()
+    return expected
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "bloom", "gpt-neo"])
+def test_chained_atp_star_is_exact_up_to_the_readout_without_mlps(tmp_path, arch):
+    """Without MLPs every path from a head runs through later attention layers (and, on Gemma, post-attention
+    norms) and the residual, so the chained QK fix takes each of them exactly: AtP* (chained) = gradient at the
+    final residual . the residual change that exact patching of the head makes. GPT-2 with 8x q/k gain, Gemma 3
+    (post-attention norms, q/k norms, other rotary tables in its global layers), Bloom (ALiBi), GPT-Neo (local
+    layers). The one-softmax-deep fix ("exact") does not (1e-2 of the scale on the GPT-2, against ~1e-6)."""
+    model = _mlp_free(tmp_path / arch, arch, qk_gain=8.0)
+    clean, corrupt = _aligned(model)
+    metric = _metric(model, len(clean))
+    expected = _patching_readout(model, clean, corrupt, metric)
+    scale = max(np.abs(v).max() for v in expected.values())
+    errors = {}
+    for fix in ("chained", "exact"):
+        frame = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", qk_fix=fix)
+        got = {k: g.sort_values("pair")["atp_star"].to_numpy() for k, g in frame.groupby(["layer", "head"])}
+        errors[fix] = max(np.abs(got[k] - v).max() for k, v in expected.items()) / scale
+    assert errors["chained"] < 1e-4, errors
+    if arch == "gpt2":
+        assert errors["exact"] > 1e-3, errors  # the property is not met by construction
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:  # the chain's output projections are counted as run
+            frame = attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star", batch_size=len(clean))
+        assert frame.attrs["qk_fix_used"] == "chained"
+        claimed = frame.attrs["forward_equivalents_per_batch"] * frame.attrs["flops_forward_unit"]
+        assert fc.get_total_flops() == pytest.approx(claimed, rel=1e-9)
+
+
+def test_atp_star_refuses_a_recompute_that_does_not_reproduce_the_model(tmp_path, monkeypatch):
+    """Every layer's recompute is checked with nothing patched against the corrupted run: giving Gemma 3's global
+    layers the block arguments of its first (local) layer, as AtP* did before, is refused with a clear error."""
+    from mhop_lens.analyses import atp_star
+    from mhop_lens.errors import DataError
+    from mhop_lens.tiny_models import load_tiny_model, save_tiny_model
+
+    model = load_tiny_model(save_tiny_model(tmp_path / "g3", "gemma3", n_layers=3, seed=3))
+    clean, corrupt = _aligned(model)
+    metric = _metric(model, len(clean))
+    attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star")
+    first = atp_star._LayerArgs.__call__
+    monkeypatch.setattr(atp_star._LayerArgs, "__call__", lambda self, layer, reps: first(self, 1, reps))
+    with pytest.raises(DataError, match="does not reproduce layer 2 of gemma3"):
+        attribute(model, clean, corrupt, metric, sites=("z",), method="atp-star")
+
+
+def test_atp_star_head_write_passes_the_post_attention_norm(tmp_path):
+    """Gemma 2 normalises the attention output before the residual (``ln1_post``): a head's write, as AtP* adds it
+    to later layers' inputs, is the residual change that patching the head makes (to first order), not
+    ``delta_z @ W_O`` (which is off by the norm's scale)."""
+    from mhop_lens.analyses.atp_star import _node_write, has_post_attention_norm
+    from mhop_lens.forward import last_logits
+    from mhop_lens.tiny_models import load_tiny_model, save_tiny_model
+
+    model = load_tiny_model(save_tiny_model(tmp_path / "g2", "gemma2-nocap", seed=2))
+    assert has_post_attention_norm(model, 0)
+    clean, corrupt = _aligned(model)
+    enc_c, enc_k = encode_pairs(model, clean, corrupt)
+    store: dict = {}
+
+    def keep_as(key):
+        def hook(act, hook):
+            store[key] = act.detach().clone()
+            return act
+
+        return hook
+
+    names = {"z": "blocks.0.attn.hook_z", "post_in": "blocks.0.ln1_post.hook_in", "out": "blocks.0.hook_attn_out"}
+    with torch.no_grad(), model.hooks(fwd_hooks=[(names["z"], keep_as("clean_z"))]):
+        last_logits(model, enc_c)
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep_as(k)) for k, n in names.items()]):
+        last_logits(model, enc_k)
+    base, alpha, head = store["out"], 1e-3, 1
+    delta = alpha * (store["clean_z"] - store["z"])
+
+    def patch(act, hook):
+        act = act.clone()
+        act[:, :, head] += delta[:, :, head]
+        return act
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(names["z"], patch), (names["out"], keep_as("out"))]):
+        last_logits(model, enc_k)
+    real = store["out"] - base
+    with torch.no_grad():
+        write = _node_write(model, "z", 0, delta, post_in=store["post_in"])[head]
+        raw = _node_write(model, "z", 0, delta)[head]
+    scale = real.abs().max()
+    assert (write - real).abs().max() < 0.02 * scale
+    assert (raw - real).abs().max() > 0.2 * scale

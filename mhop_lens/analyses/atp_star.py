@@ -3,12 +3,14 @@ layer and GradDrop, selected by ``attribution.attribute(method="atp-star")``.
 
 Use it when plain AtP may miss heads whose effect runs through saturated attention downstream and exact patching of
 every node is too expensive; compare with ``exact_patching`` on a sample before trusting a ranking (docs/heads.md
-has the measured agreement on the GAR organism, where neither AtP nor AtP* reaches it). The definition used, and
-where it departs from the paper, is in :func:`atp_star_batch`. Two QK fixes: ``"exact"`` runs the model's own block
-for every node's write (default), ``"frozen-norm"`` treats the norm as linear at the corrupted run and projects
-head writes through precomputed ``W_O W_QKV`` products (cheaper from ~70 tokens per batch on; self-checked against
-the model's own hooks, falling back to ``"exact"`` where the check fails). The shared pass machinery (counters,
-capture hooks, FLOP counts) is in :mod:`mhop_lens.analyses.attribution`.
+has the measured agreement on the GAR organism). The definition used, and where it departs from the paper, is in
+:func:`atp_star_batch`. Three QK fixes: ``"chained"`` (default) runs the model's own block for every node's write
+and carries each recomputed attention change into the layers after it, so chains of saturated attention layers are
+taken exactly; ``"exact"`` is the same recompute one softmax deep, as in the paper (cheaper by one output projection
+per copy); ``"frozen-norm"`` treats the norm as linear at the corrupted run and projects head writes through
+precomputed ``W_O W_QKV`` products (cheaper from ~70 tokens per batch; self-checked against the model's own hooks,
+falling back to ``"exact"`` where the check fails). The shared pass machinery (counters, capture hooks, FLOP
+counts) is in :mod:`mhop_lens.analyses.attribution`.
 """
 
 from __future__ import annotations
@@ -42,25 +44,45 @@ from mhop_lens.tokens import Encoded
 
 #: Rows per batched QK-recompute pass (copies x pairs); larger passes are split.
 QK_ROWS = 1024
-#: AtP*'s query-key fix: "exact" (the model's own block per copy, default) or "frozen-norm" (cheaper at
-#: larger batches).
-QK_FIXES = ("exact", "frozen-norm")
+#: AtP*'s query-key fix: "chained" (default: the model's own block per copy, attention changes carried into later
+#: layers), "exact" (the same, one softmax deep as in the paper) or "frozen-norm" (cheaper at larger batches).
+QK_FIXES = ("chained", "exact", "frozen-norm")
 #: Largest |z| mismatch (share of max |z|, plus this absolute) between the frozen-norm path's own attention at the
 #: corrupted run and the model's ``hook_z`` (or its q/k/v and ``hook_q/k/v``) that still counts as the same
 #: computation; above it the batch falls back to the exact recompute.
 FROZEN_NORM_TOL = 1e-3
 
 
-def _node_write(model, site: str, layer: int, delta: Tensor, w_o_all: Tensor | None = None
-                ) -> Float[Tensor, "node batch pos d_model"]:
-    """What a node's patch adds to the residual stream directly: per head ``delta_z @ W_O``, else ``delta``."""
+def _node_write(model, site: str, layer: int, delta: Tensor, w_o_all: Tensor | None = None,
+                post_in: Tensor | None = None, exact_post: bool = False) -> Float[Tensor, "node batch pos d_model"]:
+    """What a node's patch adds to the residual stream directly: per head ``delta_z @ W_O`` (through the
+    post-attention norm at the corrupted run's ``post_in`` where the block has one: linearised, or exactly with
+    ``exact_post``), else ``delta``."""
     if site == "z":
         w_o = (model.W_O if w_o_all is None else w_o_all)[layer].to(delta.device, delta.dtype)  # [h, d_head, d]
-        return torch.einsum("bphd,hdm->hbpm", delta, w_o)
+        return _through_post_norm(model, layer, torch.einsum("bphd,hdm->hbpm", delta, w_o), post_in, exact_post)
     return delta.unsqueeze(0)
 
 
-def _keep(store: dict, key: str, stop: bool = False) -> Callable:
+def has_post_attention_norm(model, layer: int) -> bool:
+    """The attention output passes a norm before the residual (Gemma 2/3: ``ln1_post``)."""
+    return f"blocks.{layer}.ln1_post.hook_in" in model.hook_dict
+
+
+def _through_post_norm(model, layer: int, change: Tensor, post_in: Tensor | None, exact: bool = False) -> Tensor:
+    """A change of the attention output (before any post-attention norm) as the residual stream sees it: the norm's
+    Jacobian at the corrupted run applied to it (first order, like the MLP paths), ``exact``ly ``norm(x + change) -
+    norm(x)``, or the change itself where the block has no such norm (``post_in`` None)."""
+    if post_in is None:
+        return change
+    norm = model.blocks[layer].ln1_post.original_component
+    x = post_in.to(change.dtype).expand_as(change).contiguous()
+    if exact:
+        return norm(x + change) - norm(x)
+    return torch.func.jvp(norm, (x,), (change,))[1]
+
+
+def _keep(store: dict, key, stop: bool = False) -> Callable:
     def hook(act, hook):
         store[key] = act.detach()
         if stop:
@@ -85,41 +107,69 @@ def _attention_input(store: dict, key) -> Callable:
     return hook
 
 
+def _grab_block_args(store: dict, layer: int) -> Callable:
+    """A forward pre-hook keeping the arguments the model passes to block ``layer`` (without hidden states and
+    cache): each layer's own mask and position embeddings (Gemma 3's global layers use other rotary tables than
+    its local ones; windowed models use other masks)."""
+    from mhop_lens.analyses.partial_forward import stored
+
+    def hook(module, args, kwargs):
+        store[layer] = stored(list(args), dict(kwargs))
+
+    return hook
+
+
+def _tile(value, rows: int, reps: int):
+    """A captured block argument for ``reps`` copies of a ``rows``-row batch (row-batched tensors repeated)."""
+    if isinstance(value, Tensor):
+        return value.repeat(reps, *[1] * (value.dim() - 1)) if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, tuple | list):
+        return type(value)(_tile(v, rows, reps) for v in value)
+    if isinstance(value, dict):
+        return {k: _tile(v, rows, reps) for k, v in value.items()}
+    return value
+
+
+class _LayerArgs:
+    """Block-call arguments for ``copies x batch`` rows of one layer: the layer's own arguments from the corrupted
+    run, tiled; where they fold the rows with something else (Bloom's ALiBi bias: rows x heads) those of one forward
+    stopped at block 0 per call size (Bloom's layers share them; ``capture_forwards`` counts them)."""
+
+    def __init__(self, model, grabbed: dict, attention_mask: Tensor, counter: Counter):
+        self.model, self.grabbed, self.mask, self.counter = model, grabbed, attention_mask, counter
+        self.block0: dict[int, tuple[list, dict]] = {}
+
+    def __call__(self, layer: int, reps: int) -> tuple[list, dict]:
+        from mhop_lens.analyses.partial_forward import _cuttable, block_call, for_call, stored
+
+        args, kwargs = self.grabbed[layer]
+        b, width = self.mask.shape
+        if _cuttable([*args, *kwargs.values()], b):
+            return for_call(_tile(args, b, reps), _tile(kwargs, b, reps), None)
+        if reps not in self.block0:
+            self.block0[reps] = stored(*block_call(self.model, width, self.mask.repeat(reps, 1), None))
+            self.counter.extra["capture_forwards"] = self.counter.extra.get("capture_forwards", 0) + 1
+        return for_call(*self.block0[reps], None)
+
+
 @torch.no_grad()
-def _block_args(model, width: int, attention_mask: Tensor, copies: int) -> tuple[list, dict, int]:
-    """Block-call arguments for ``copies`` copies of the batch, captured by one forward stopped at block 0
-    (``partial_forward.block_call``); smaller calls cut them (``for_call``). Returns (args, kwargs, rows)."""
-    from mhop_lens.analyses.partial_forward import block_call, stored
-
-    mask = attention_mask.repeat(copies, 1)
-    args, kwargs = stored(*block_call(model, width, mask, None))
-    return args, kwargs, mask.shape[0]
-
-
-@torch.no_grad()
-def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor, attention_mask: Tensor,
-                           captured: tuple[list, dict, int]) -> Float[Tensor, "node batch pos head d_head"]:
+def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor, layer_args: _LayerArgs
+                           ) -> Float[Tensor, "node batch pos head d_head"]:
     """Head outputs ``z`` of ``layer`` when each node's write is added to the residual entering it.
 
     One batched pass per layer through the model's own block, stopped at ``hook_z`` (norm, q/k/v projections,
     scores, softmax, pattern @ v; no output projection, no MLP): copies along the batch dimension, ``QK_ROWS`` rows
-    at a time, with the block arguments ``captured`` once per batch (:func:`_block_args`).
+    at a time, with the layer's own block arguments (:class:`_LayerArgs`).
     """
-    from mhop_lens.analyses.partial_forward import block_call, call_block, for_call, stored
+    from mhop_lens.analyses.partial_forward import call_block
 
     n, b = writes.shape[0], resid_pre.shape[0]
     out = []
     per = max(1, QK_ROWS // b)
-    cap_args, cap_kwargs, cap_rows = captured
     for i in range(0, n, per):
         w = writes[i : i + per]
         hidden = (resid_pre.unsqueeze(0) + w).reshape(-1, *resid_pre.shape[1:])
-        rows = hidden.shape[0]
-        if rows <= cap_rows and cap_rows not in (hidden.shape[1],):
-            args, kwargs = for_call(cap_args, cap_kwargs, None, cap_rows, rows)
-        else:  # rare: cutting would be ambiguous; capture for this call
-            args, kwargs = for_call(*stored(*block_call(model, hidden.shape[1], attention_mask.repeat(w.shape[0], 1),
-                                                        None)), None)
+        args, kwargs = layer_args(layer, w.shape[0])
         store: dict = {}
         with model.hooks(fwd_hooks=[(hooks.head(layer, "z"), _keep(store, "z", True))]):
             try:
@@ -128,6 +178,30 @@ def _attention_with_writes(model, layer: int, resid_pre: Tensor, writes: Tensor,
                 pass
         out.append(rearrange(store["z"], "(w b) ... -> w b ...", w=w.shape[0]))
     return torch.cat(out)
+
+
+def _check_recompute(model, layer: int, store: dict, corrupt: Encoded, layer_args: _LayerArgs, flops: dict,
+                     parts: dict) -> None:
+    """The recompute with no write must give the corrupted run's own ``hook_z`` (real positions); else a clear
+    error instead of silently wrong fixes (one extra copy per layer and batch)."""
+    from mhop_lens.analyses.hf_compat import architecture
+    from mhop_lens.analyses.partial_forward import describe
+    from mhop_lens.errors import DataError
+
+    z = store[("zall", layer)].detach()
+    zero = torch.zeros(1, *store[("pre", layer)].shape, dtype=z.dtype, device=z.device)
+    try:
+        got = _attention_with_writes(model, layer, store[("pre", layer)].detach(), zero, layer_args)[0]
+    except Exception as e:  # noqa: BLE001 - any failure of the block called alone means no exact fix here
+        raise DataError(f"AtP*'s attention recompute cannot call layer {layer} of {architecture(model)} alone "
+                        f"({describe(e)}). Use method 'atp' or 'ig'.") from e
+    flops["check"] += parts["qkv"] + parts["attention"]
+    real = corrupt.attention_mask.bool().to(z.device)
+    diff = float((got - z)[real].abs().max())
+    if diff > FROZEN_NORM_TOL * (1 + float(z[real].abs().max())):
+        raise DataError(f"AtP*'s attention recompute does not reproduce layer {layer} of {architecture(model)} "
+                        f"(max |z| difference {diff:.3g} with nothing patched): its exact fix cannot be trusted "
+                        f"here. Use method 'atp' or 'ig', or qk_fix='frozen-norm' where supported.")
 
 
 class _Unsupported(Exception):
@@ -149,6 +223,8 @@ def frozen_norm_support(model) -> str | None:
         return f"positional embedding {cfg.positional_embedding_type!r} (frozen-norm handles standard / rotary)"
     if attention_windows(model):
         return "sliding / local attention windows"
+    if any(has_post_attention_norm(model, l) for l in range(cfg.n_layers)):
+        return "a norm after attention (ln1_post)"
     needed = ["ln1.hook_scale"] + [f"attn.hook_{x}" for x in "qkv"]
     if cfg.positional_embedding_type == "rotary":
         needed += ["attn.hook_cos", "attn.hook_sin"]
@@ -328,11 +404,11 @@ def _frozen_norm_fix(model, layer: int, fl: _FrozenLayer, base_z: Tensor, nodes:
 
 
 def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows: Tensor, named,
-                    counter: Counter, _ig_steps: int, qk_fix: str = "exact", cache: dict | None = None,
-                    delta_scale: float = 1.0):
+                    counter: Counter, _ig_steps: int, qk_fix: str = "chained", cache: dict | None = None,
+                    delta_scale: float = 1.0, grad_drop: bool = True):
     """AtP* for whole nodes (head z, MLP out, resid_post): QK fix at every later attention layer, then GradDrop.
 
-    Definition used (departure from the paper, docs/heads.md): Kramár et al. apply the QK fix to query/key nodes
+    Definition used (departures from the paper, docs/heads.md): Kramár et al. apply the QK fix to query/key nodes
     themselves (exact softmax of the patched scores, times the gradient wrt the pattern). Our nodes are heads'
     ``z``, whose own attention change AtP already takes exactly; a head hidden by saturation (the organism's L0H1)
     is hidden by the *later* heads whose queries and keys it writes to. So for each later layer l', the node's
@@ -346,17 +422,25 @@ def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows
       - z_l'): only the softmax is taken beyond first order, as in the paper; the norm's scale path stays in AtP.
       Checked per batch against the model's own ``hook_q/k/v`` and ``hook_z``; unsupported architectures
       (:func:`frozen_norm_support`) or a failed check use ``"exact"`` (``frame.attrs["qk_fix"]`` says which).
-    - ``qk_fix="exact"`` (default; it ranks the GAR organism's heads closer to exact patching, docs/heads.md):
-      the write is added to the residual entering l' and the model's own block runs to
+    - ``qk_fix="exact"``: the write is added to the residual entering l' and the model's own block runs to
       ``hook_z`` (true norm, q/k/v, softmax); its first-order term (gradient wrt l''s attention input . write) is
       replaced by grad(z_l') . (z_l'(write) - z_l').
+    - ``qk_fix="chained"`` (default): as ``"exact"``, with later layers in order and the write entering l'
+      including every earlier recomputed change ``(z_m(write_m) - z_m) @ W_O`` (l < m < l'); the subtracted
+      first-order term is taken on that same write, so the sum telescopes: on a model without MLPs it is exactly
+      the first-order readout (final norm and unembedding) of the node's true patching effect (test). It recovers
+      a head hidden behind two saturated attention steps (the organism's L0H1: docs/heads.md) at one more output
+      projection per copy. Post-attention norms (Gemma 2/3) are taken exactly along the chain (the ``exact`` fix
+      passes writes through their Jacobian). GradDrop drops layer l's own fix term, but the later recomputes keep
+      the chain through l (a chain per dropped layer would cost L - 1 more recomputes).
 
-    AtP* = AtP + sum over later l' of that difference; paths through MLPs before l' and everything after l' stay
-    first order. GradDrop (paper eq. 11): I_l = the same estimate with the gradient through layer l's residual
-    contribution dropped (a backward from resid_pre_l seeded with dmetric/dresid_post_l, over layers < l only);
-    ``atp_star_gd`` = sum_l |I_l| / (L - 1), a magnitude as in the paper. ``delta_scale`` scales every node's
-    clean-minus-corrupted delta (1 = AtP*; tests take it to 0). Cost: 2 forwards, 1 backward, L-1 partial
-    backwards, the per-layer fixes; matmul FLOPs in ``counter.extra`` (``flops_*``).
+    AtP* = AtP + sum over later l' of that difference; paths through MLPs stay first order, and so does everything
+    after l' except (``"chained"``) the attention of the layers after it. GradDrop (paper eq. 11): I_l = the same
+    estimate with the gradient through layer l's residual contribution dropped (a backward from resid_pre_l seeded
+    with dmetric/dresid_post_l, over layers < l only); ``atp_star_gd`` = sum_l |I_l| / (L - 1), a magnitude as in
+    the paper (``grad_drop=False`` skips it and its L - 1 partial backwards). ``delta_scale`` scales every node's
+    clean-minus-corrupted delta (1 = AtP*; tests take it to 0). Cost: 2 forwards, 1 backward, L-1 partial backwards,
+    the per-layer fixes; matmul FLOPs in ``counter.extra`` (``flops_*``).
     """
     n_layers = model.cfg.n_layers
     cache = {} if cache is None else cache
@@ -377,12 +461,18 @@ def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows
     else:
         fwd += [(f"blocks.{l}.attn.hook_in" if _shared_norm(model, l) else f"blocks.{l}.ln1.hook_in",
                  _attention_input(store, ("attn_in", l))) for l in later]
+    post_layers = [l for l in range(n_layers) if has_post_attention_norm(model, l)]
+    exact_post = qk_fix == "chained"  # the chain takes post-attention norms exactly too (Gemma 2/3)
+    fwd += [(f"blocks.{l}.ln1_post.hook_in", _keep(store, ("post_in", l))) for l in post_layers]
+    if exact_post:
+        fwd += [(f"blocks.{l}.hook_attn_out", capture_into(store, ("attn_out", l))) for l in post_layers]
     fwd += [(hooks.resid(l, "pre"), capture_into(store, ("pre", l))) for l in range(n_layers)]
     fwd += [(hooks.resid(l, "post"), capture_into(store, ("post", l))) for l in range(n_layers)]
     fwd += counting_hooks(counter)
     node_keys = [(s, l) for s, l, _ in named]
     lin_names = ("q", "k", "v") if frozen else ("attn_in",)
     layer_keys = [(k, l) for l in later for k in ("zall", *lin_names)]
+    layer_keys += [("attn_out", l) for l in post_layers if exact_post]
     b, pos = corrupt.tokens.shape
     unit = forward_flops(model, b, pos)
     read = forward_flops(model, b, pos, last_only=True)  # both forwards unembed only the read position
@@ -391,8 +481,15 @@ def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows
                               "score_terms")}
     earliest = _earliest(node_keys)
     backward_2x = BACKWARD_FACTOR * unit
+    grabbed: dict = {}
+    handles = [] if frozen else [model.blocks[l].register_forward_pre_hook(_grab_block_args(grabbed, l),
+                                                                            with_kwargs=True) for l in later]
     with torch.enable_grad():
-        m_corrupt = metric(logits_at(model, corrupt, fwd), rows)
+        try:
+            m_corrupt = metric(logits_at(model, corrupt, fwd), rows)
+        finally:
+            for h in handles:
+                h.remove()
         keys = node_keys + layer_keys + [("post", l) for l in range(n_layers)]
         grads = dict(zip(keys, torch.autograd.grad(m_corrupt.sum(), [store[k] for k in keys], allow_unused=True,
                                                    retain_graph=True), strict=True))
@@ -401,7 +498,7 @@ def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows
         plain = {k: _node_scores(k[0], deltas[k], grads[k]) for k in node_keys}
         # per later layer: each earlier node's exact change of that layer's head outputs, and the first-order
         # change of the same path's input(s)
-        fixes: dict[int, tuple[list, Tensor, dict]] = {}
+        fixes: dict = {}
         if frozen:
             try:
                 fixes = _frozen_fixes(model, store, corrupt, node_keys, deltas, later, cache, flops)
@@ -413,32 +510,36 @@ def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows
                 _add_flops(counter, 2 * read + sum(v for k, v in flops.items() if k != "partial_backward"),
                            backward_flops(model, b, pos, earliest, last_only=True), 0.0, backward_2x)
                 return atp_star_batch(model, clean, corrupt, metric, rows, named, counter, _ig_steps, "exact",
-                                       cache, delta_scale)
+                                       cache, delta_scale, grad_drop)
         else:
-            fixes = _exact_fixes(model, store, corrupt, named, deltas, later, counter, flops)
-        for layer in fixes:
-            counter.extra["qk_passes"] = counter.extra.get("qk_passes", 0) + 1
-            counter.extra["qk_copies"] = counter.extra.get("qk_copies", 0) + len(fixes[layer][0])
+            fixes = _exact_fixes(model, store, corrupt, named, deltas, later, counter, flops, grabbed,
+                                 qk_fix == "chained")
+        for layer in later:
+            if layer in fixes:
+                counter.extra["qk_passes"] = counter.extra.get("qk_passes", 0) + 1
+                counter.extra["qk_copies"] = counter.extra.get("qk_copies", 0) + len(fixes[layer][0])
+        own = [k for k in fixes if isinstance(k, tuple)]  # ("own", l): a node's own post-norm taken exactly
 
         def corrected(node_grads: dict, g: dict, layers) -> dict:
-            """Per node [batch, 1, n]: AtP with the given grads plus the fix of every layer in ``layers``."""
+            """Per node [batch, 1, n]: AtP with the given grads plus the fix terms of every key in ``layers``
+            (sum of change . gradient over ``plus``, minus the same over ``minus``)."""
             out = {k: _node_scores(k[0], deltas[k], node_grads[k]).sum(1, keepdim=True) for k in node_keys}
             for layer in layers:
                 if layer not in fixes:
                     continue
-                ids, dz, lin = fixes[layer]
-                extra = torch.einsum("nbphd,bphd->nb", dz, g[("zall", layer)])
-                flops["score_terms"] += 2.0 * dz.numel()
-                for key, change in lin.items():
-                    extra = extra - torch.einsum("nb...,b...->nb", change, g[key])
-                    flops["score_terms"] += 2.0 * change.numel()
+                ids, plus, minus = fixes[layer]
+                extra = 0.0
+                for sign, terms in ((1.0, plus), (-1.0, minus)):
+                    for key, change in terms.items():
+                        extra = extra + sign * torch.einsum("nb...,b...->nb", change, g[key])
+                        flops["score_terms"] += 2.0 * change.numel()
                 for i, (site, l, h) in enumerate(ids):
                     out[(site, l)][:, 0, max(h, 0)] += extra[i]
             return out
 
-        star = corrected(grads, grads, later)
+        star = corrected(grads, grads, [*later, *own])
         gd = {k: torch.zeros_like(v) for k, v in star.items()}
-        for drop in range(n_layers):
+        for drop in range(n_layers if grad_drop else 0):
             below = [k for k in node_keys if k[1] < drop] + [k for k in layer_keys if k[1] < drop]
             partial: dict = {}
             if any(k in node_keys for k in below):
@@ -450,7 +551,8 @@ def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows
                 flops["partial_backward"] += backward_flops(model, b, pos, earliest, top=drop)
                 backward_2x += BACKWARD_FACTOR * drop * per_layer
             g = {**grads, **partial}
-            dropped = corrected({k: g[k] for k in node_keys}, g, [l for l in later if l != drop])
+            dropped = corrected({k: g[k] for k in node_keys}, g,
+                                [l for l in later if l != drop] + [k for k in own if k[1] != drop])
             for k in node_keys:
                 if k[0] != "resid_post" and k[1] == drop:
                     continue  # the node's own layer dropped: all its paths are cut, I_l = 0
@@ -462,7 +564,8 @@ def atp_star_batch(model, clean: Encoded, corrupt: Encoded, metric: Metric, rows
     fixes_total = sum(v for k, v in flops.items() if k != "partial_backward")
     _add_flops(counter, 2 * read + fixes_total,
                backward_flops(model, b, pos, earliest, last_only=True) + flops["partial_backward"], unit, backward_2x)
-    return (star, {"atp_star_gd": gd, "atp": {k: v.sum(1, keepdim=True) for k, v in plain.items()}}), m_clean, \
+    extra = {"atp_star_gd": gd} if grad_drop else {}
+    return (star, {**extra, "atp": {k: v.sum(1, keepdim=True) for k, v in plain.items()}}), m_clean, \
         m_corrupt.detach()
 
 
@@ -490,7 +593,7 @@ def _frozen_fixes(model, store: dict, corrupt: Encoded, node_keys, deltas: dict,
         base = _check_frozen_layer(model, layer, fl, store[("pre", layer)].detach(), z, allowed, real, cache, flops)
         ids, dz, lin = _frozen_norm_fix(model, layer, fl, base, node_keys, deltas, allowed, cache, flops)
         if ids:
-            fixes[layer] = (ids, dz, lin)
+            fixes[layer] = (ids, {("zall", layer): dz}, lin)
     return fixes
 
 
@@ -501,35 +604,65 @@ def _shared_norm(model, layer: int) -> bool:
 
 
 @torch.no_grad()
-def _exact_fixes(model, store: dict, corrupt: Encoded, named, deltas: dict, later, counter: Counter, flops: dict
-                 ) -> dict:
-    """Exact-recompute fix of every later layer: the model's own block to ``hook_z`` on write-shifted copies."""
+def _exact_fixes(model, store: dict, corrupt: Encoded, named, deltas: dict, later, counter: Counter, flops: dict,
+                 grabbed: dict, chain: bool = False) -> dict:
+    """Exact-recompute fix of every later layer: the model's own block to ``hook_z`` on write-shifted copies.
+
+    ``grabbed``: each layer's block arguments from the corrupted run (:func:`_grab_block_args`); every layer's
+    recompute is first checked against that run (:func:`_check_recompute`).
+    Returns {layer: (node ids, {key: change} added, {key: change} subtracted)}, each change dotted with the
+    corrupted run's gradient at ``key``. ``chain``: layers in order, and each layer's recomputed head-output
+    change (``dz @ W_O``, through a post-attention norm exactly) joins the node's write into every layer after it,
+    so a chain of attention layers is taken exactly end to end. Where a block normalises its attention output
+    (Gemma 2/3), the chain's terms are taken at that norm's output (``hook_attn_out``), and a head node's own
+    write through it gets a term ``("own", layer)``: its exact write minus AtP's linearised one."""
+    n_layers = model.cfg.n_layers
     b, pos = corrupt.tokens.shape
     parts = layer_flops(model, b, pos)
     w_o = model.W_O.detach()
-    writes_of = {(s, l): _node_write(model, s, l, deltas[(s, l)], w_o) for s, l, _ in named
-                 if l < model.cfg.n_layers - 1}
+    post = {l: store.get(("post_in", l)) for l in range(n_layers)}
+    exact_post = chain
+    writes_of = {(s, l): _node_write(model, s, l, deltas[(s, l)], w_o, post[l], exact_post)
+                 for s, l, _ in named if l < n_layers - 1}
     flops["writes"] += sum(parts["o"] for s, l, _ in named if s == "z" and (s, l) in writes_of)
-    copies = min(sum(w.shape[0] for w in writes_of.values()), max(1, QK_ROWS // b))
-    captured = _block_args(model, corrupt.tokens.shape[1], corrupt.attention_mask, max(1, copies))
-    counter.extra["capture_forwards"] = counter.extra.get("capture_forwards", 0) + 1
-    fixes = {}
+    fixes: dict = {}
+    if exact_post:
+        for s, l, _ in named:
+            if s == "z" and post[l] is not None:
+                write = writes_of[(s, l)] if (s, l) in writes_of else _node_write(model, s, l, deltas[(s, l)], w_o,
+                                                                                   post[l], True)
+                h = write.shape[0]
+                own_delta = torch.zeros(h, *deltas[(s, l)].shape, dtype=write.dtype, device=write.device)
+                own_delta[torch.arange(h), :, :, torch.arange(h)] = deltas[(s, l)].permute(2, 0, 1, 3)
+                fixes[("own", l)] = ([(s, l, i) for i in range(h)], {("attn_out", l): write}, {(s, l): own_delta})
+    layer_args = _LayerArgs(model, grabbed, corrupt.attention_mask, counter)
     for layer in later:
         ids = [(s, l, h if s == "z" else -1) for s, l, _ in named if l < layer
                for h in range(writes_of[(s, l)].shape[0])]
         if not ids:
             continue
-        writes = torch.cat([writes_of[(s, l)] for s, l, _ in named if l < layer])
-        z_new = _attention_with_writes(model, layer, store[("pre", layer)].detach(), writes,
-                                       corrupt.attention_mask, captured)
+        keys = [(s, l) for s, l, _ in named if l < layer]
+        writes = torch.cat([writes_of[k] for k in keys])
+        _check_recompute(model, layer, store, corrupt, layer_args, flops, parts)
+        z_new = _attention_with_writes(model, layer, store[("pre", layer)].detach(), writes, layer_args)
+        dz = z_new - store[("zall", layer)].detach()
         counter.extra["qk_block_rows"] = counter.extra.get("qk_block_rows", 0) + len(ids)
         flops["qkv"] += len(ids) * parts["qkv"]
         flops["attention"] += len(ids) * parts["attention"]
+        plus = {("zall", layer): dz}
+        at_post = exact_post and post[layer] is not None
+        if chain and (layer < n_layers - 1 or at_post):
+            out = _through_post_norm(model, layer, torch.einsum("nbphd,hdm->nbpm", dz, w_o[layer]), post[layer],
+                                     exact_post)
+            flops["writes"] += len(ids) * parts["o"]
+            if at_post:
+                plus = {("attn_out", layer): out}
+            if layer < n_layers - 1:
+                for k, part in zip(keys, out.split([writes_of[k].shape[0] for k in keys]), strict=True):
+                    writes_of[k] = writes_of[k] + part
         if _shared_norm(model, layer):  # the attention's own (normed) input: the write through ln1, linearised
             norm = model.blocks[layer].ln1.original_component
             x = store[("pre", layer)].detach().expand_as(writes).contiguous()
             writes = torch.func.jvp(norm, (x,), (writes,))[1]
-        fixes[layer] = (ids, z_new - store[("zall", layer)].detach(), {("attn_in", layer): writes})
+        fixes[layer] = (ids, plus, {("attn_in", layer): writes})
     return fixes
-
-

@@ -261,7 +261,8 @@ def attribute(
     pair_ids: Sequence | None = None,
     progress: bool = False,
     method: str | None = None,
-    qk_fix: str = "exact",
+    qk_fix: str = "chained",
+    grad_drop: bool = True,
 ) -> pd.DataFrame:
     """AtP score of every node for every pair: one row per (pair, site, layer, head[, span]).
 
@@ -274,11 +275,13 @@ def attribute(
 
     ``method``: ``"atp"`` (default), ``"ig"`` (default when ``ig_steps > 0``; ``ig_steps`` defaults to 8 then) or
     ``"atp-star"``: column ``atp_star`` (signed AtP with the QK fix), ``atp_star_gd`` (the paper's GradDrop score,
-    a magnitude) and ``atp`` (plain AtP, free from the same passes); sums over positions only. ``qk_fix``:
-    AtP*'s attention recompute, ``"exact"`` (default: the model's own block per copy) or ``"frozen-norm"``
-    (low-rank through the corrupted run's norm scale; cheaper from ~70 tokens per batch, ranks the GAR organism's
-    heads worse: docs/heads.md); see :func:`atp_star.atp_star_batch`. ``frame.attrs["qk_fix_used"]`` says
-    which ran (frozen-norm falls back to exact, with the reason, where the architecture is not supported).
+    a magnitude; ``grad_drop=False`` skips it and its L - 1 partial backwards) and ``atp`` (plain AtP, free from the
+    same passes); sums over positions only. ``qk_fix``: AtP*'s attention recompute, ``"chained"`` (default: the
+    model's own block per copy, each recomputed attention change carried into the later layers), ``"exact"`` (the
+    same one softmax deep, as in the paper) or ``"frozen-norm"`` (low-rank through the corrupted run's norm scale;
+    cheaper from ~70 tokens per batch); docs/heads.md compares them; see :func:`atp_star.atp_star_batch`.
+    ``frame.attrs["qk_fix_used"]`` says which ran (frozen-norm falls back to exact, with the reason, where the
+    architecture is not supported).
     """
     method = method or ("ig" if ig_steps > 0 else "atp")
     if method not in METHODS:
@@ -305,7 +308,7 @@ def attribute(
     else:
         qk_fix_run = qk_fix
     step = {"atp": _atp_batch, "ig": _ig_batch,
-            "atp-star": functools.partial(atp_star_batch, qk_fix=qk_fix_run, cache={})}[method]
+            "atp-star": functools.partial(atp_star_batch, qk_fix=qk_fix_run, cache={}, grad_drop=grad_drop)}[method]
     for batch in pair_batches(model, clean_prompts, corrupted_prompts, batch_size, "attribution", progress):
         sl = slice(batch.start, batch.start + batch_size)
         role_idx = role_index(batch.clean, spans[sl], roles) if spans is not None else None
@@ -335,9 +338,8 @@ def attribute(
                                                         + counter.extra.pop("flops_backward_2x")) / unit
     extra = dict(flops_forward_unit=unit)
     if method == "atp-star":
-        used = "exact" if qk_fix == "exact" else "frozen-norm"
-        extra.update(qk_fix=qk_fix, qk_fix_used=("exact (fallback: " + counter.notes[0] + ")") if counter.notes
-                     else used)
+        used = f"exact (fallback: {counter.notes[0]})" if counter.notes else qk_fix
+        extra.update(qk_fix=qk_fix, grad_drop=grad_drop, qk_fix_used=used)
     out.attrs.update(pass_counts(counter, len(frames)), ig_steps=ig_steps if method == "ig" else 0, method=method,
                      **extra)
     return out

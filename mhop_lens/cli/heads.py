@@ -92,10 +92,14 @@ def _world(examples):
               help="atp (2 forwards + 1 backward), atp-star (AtP*: exact softmax of later attention layers under "
                    "each node's write, see --qk-fix, + GradDrop, docs/heads.md) or ig (integrated gradients). "
                    "Default: ig if --ig-steps > 0, else atp.")
-@click.option("--qk-fix", type=click.Choice(["exact", "frozen-norm"]), default="exact", show_default=True,
-              help="AtP*'s recompute: exact (the model's own block per node copy) or frozen-norm (q/k/v change "
-                   "through the corrupted run's norm scale, low-rank, cheaper from ~70 tokens per batch; falls back "
-                   "to exact where unsupported).")
+@click.option("--qk-fix", type=click.Choice(["chained", "exact", "frozen-norm"]), default="chained",
+              show_default=True,
+              help="AtP*'s recompute: chained (the model's own block per node copy, each recomputed attention change "
+                   "carried into later layers), exact (the same, one softmax deep as in the paper) or frozen-norm "
+                   "(q/k/v change through the corrupted run's norm scale, low-rank, cheaper from ~70 tokens per "
+                   "batch; falls back to exact where unsupported).")
+@click.option("--grad-drop/--no-grad-drop", default=True, show_default=True,
+              help="AtP*'s GradDrop score (column atp_star_gd, L-1 partial backwards per batch).")
 @click.option("--ig-steps", type=int, default=0, show_default=True,
               help="Integrated-gradients steps (0 = AtP; --method ig without it uses 8).")
 @click.option("--exact", is_flag=True, help="Also run exact patching of every node and report rank agreement.")
@@ -145,7 +149,7 @@ def attribute(**kw) -> None:
         raise DataError("--method atp-star scores whole nodes; drop --per-span or use --method atp / ig.")
     frame = run_atp(model, clean, corrupt, metric, sites=sites, per_position=spans if kw["per_span"] else False,
                     ig_steps=kw["ig_steps"], batch_size=kw["batch_size"], pair_ids=ids, progress=True,
-                    method=method, qk_fix=kw["qk_fix"])
+                    method=method, qk_fix=kw["qk_fix"], grad_drop=kw["grad_drop"])
     store.write("attribution", frame)
     store.write("nodes", aggregate(frame))
     info = dict(frame.attrs, pairs=len(clean), dropped=dropped)
