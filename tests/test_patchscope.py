@@ -217,3 +217,31 @@ def test_cached_generation_really_uses_the_cache(tiny_models):
         pytest.skip("this transformers release returns no KV cache through the bridge (issue 14): generation "
                     "falls back to re-running every step")
     assert kv.get_seq_length() == enc.tokens.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_shared_target_prefix_gives_the_same_rows(tiny_models, arch, monkeypatch):
+    """The target prompt's tokens before the placeholder are computed once per chunk and shared by its rows: the
+    table (greedy and seeded sampling) equals the one from running the whole target prompt per row, and the
+    prompt pass really starts at the placeholder (tokens seen at the embedding counted)."""
+    from mhop_lens.analyses import patchscope
+    from mhop_lens.model_state import model_state
+
+    model, queries = tiny_models[arch], tiny_queries()[:3]
+    model_state(model).pop("prefix_generation", None)  # the model's check of the shortcut runs in this test
+    kw = dict(source_layers=[0, 1], target_layers="same", decoder="generate", max_new_tokens=4, progress=False)
+    seen: list[int] = []
+    handle = model.hook_dict["hook_embed"].register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
+    try:
+        shared = [run_patchscope(model, queries, seed=seed, **kw) for seed in (None, 7)]
+    finally:
+        handle.remove()
+    width = encode(model, [DEFAULT]).tokens.shape[1]
+    # the check once (whole prompt, prefix, placeholder), then per chunk (one per seed) the prefix once, the
+    # placeholder and three one-token steps
+    target = [w for w in seen if w != seen[0]]  # seen[0]: the source prompts' forward (once per call)
+    assert target == [width, width - 1, 1] + 2 * [width - 1, 1, 1, 1, 1], seen
+    monkeypatch.setattr(patchscope, "_shared_prefix", lambda model, enc, at: 0)
+    plain = [run_patchscope(model, queries, seed=seed, **kw) for seed in (None, 7)]
+    for a, b in zip(shared, plain, strict=True):
+        pd.testing.assert_frame_equal(a, b)

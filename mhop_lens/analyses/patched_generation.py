@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mhop_lens.analyses.hf_compat import FastPathError, cache_of, kv_layers
 from mhop_lens.forward import run
 from mhop_lens.tokens import Encoded
 
@@ -82,6 +83,7 @@ def generate_patched(
     sampling: Sampling | None = None,
     seed: int = 0,
     cached: bool = True,
+    shared_prefix: int = 0,
 ) -> Int[Tensor, "rows new"]:
     """``max_new_tokens`` continuation ids of a left-padded batch whose prompt pass runs with ``fwd_hooks``.
 
@@ -90,13 +92,26 @@ def generate_patched(
     (``_on_prompt``; prompt positions do not see later tokens, so both give the same tokens). Sampling draws
     from one generator seeded with ``seed`` per call: reproducible for a fixed batch. Rows are not stopped at
     end-of-sequence (cut them when decoding).
+
+    ``shared_prefix`` (cached only): the first ``shared_prefix`` tokens are the same in every row and no hook
+    changes them (a patch at a later position cannot), so their keys/values are computed once, from row 0, and
+    shared; the hooks then see only the prompt's later positions (prompt position p is p - ``shared_prefix`` in
+    their activations). Ask :func:`prefix_sharing_cause` first whether the model reproduces the plain prompt
+    pass this way.
     """
     if enc.padding_side != "left":
         raise ValueError("generate_patched needs a left-padded batch (encode(..., padding_side='left')).")
     gen = None if sampling is None else torch.Generator().manual_seed(seed)
     tokens, mask = enc.tokens, enc.attention_mask
     new = []
-    if cached:
+    if cached and shared_prefix:
+        logits, kv = model.run_with_hooks(tokens[:, shared_prefix:], attention_mask=mask, fwd_hooks=list(fwd_hooks),
+                                          return_type="logits_and_cache", use_cache=True,
+                                          past_key_values=_prefix_cache(model, tokens, mask, shared_prefix))
+        if not _cache_filled(kv, tokens.shape[1]):
+            raise FastPathError("the prompt pass after a shared prefix left no usable KV cache; call "
+                                "generate_patched without shared_prefix (prefix_sharing_cause says why).")
+    elif cached:
         logits, kv = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks),
                                           return_type="logits_and_cache", use_cache=True)
         cached = _cache_filled(kv, tokens.shape[1])
@@ -113,6 +128,44 @@ def generate_patched(
             logits, kv = model.run_with_hooks(nxt[:, None], attention_mask=mask, fwd_hooks=[],
                                               return_type="logits_and_cache", use_cache=True, past_key_values=kv)
     return torch.stack(new, 1)
+
+
+def _prefix_cache(model, tokens: Int[Tensor, "rows pos"], mask: Int[Tensor, "rows pos"], n: int):
+    """Keys/values of row 0's first ``n`` tokens, shared (expanded, not copied) by every row."""
+    _, kv = model.run_with_hooks(tokens[:1, :n], attention_mask=mask[:1, :n], fwd_hooks=[],
+                                 return_type="logits_and_cache", use_cache=True)
+    rows = tokens.shape[0]
+    return cache_of([(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in kv_layers(kv)])
+
+
+@torch.inference_mode()
+def prefix_sharing_cause(model, enc: Encoded, shared_prefix: int) -> str | None:
+    """None when a prompt pass over a shared ``shared_prefix``-token prefix (``generate_patched(shared_prefix=)``)
+    gives the plain prompt pass's last logits on row 0 of ``enc``; else why not (one line). Decided once per model,
+    prompt width and prefix length (windowed models past their window, or a transformers release that returns no
+    cache through the bridge, are refused here rather than giving other tokens)."""
+    from mhop_lens.analyses.partial_forward import _verdicts, describe, same_computation
+
+    verdicts = _verdicts(model, "prefix_generation")
+    key = (enc.tokens.shape[1], shared_prefix, str(enc.tokens.device))
+    if key not in verdicts:
+        row = enc.select([0])
+        try:
+            plain = run(model, row)[:, -1]
+            shared, kv = model.run_with_hooks(row.tokens[:, shared_prefix:], attention_mask=row.attention_mask,
+                                              fwd_hooks=[], return_type="logits_and_cache", use_cache=True,
+                                              past_key_values=_prefix_cache(model, row.tokens, row.attention_mask,
+                                                                            shared_prefix))
+            if not _cache_filled(kv, row.tokens.shape[1], warn=False):
+                verdicts[key] = "the prompt pass after a shared prefix left no usable KV cache"
+            elif not same_computation(shared[:, -1], plain):
+                diff = float((shared[:, -1].float() - plain.float()).abs().max())
+                verdicts[key] = f"a prompt pass over a shared prefix differs from the plain one by {diff:.3g}"
+            else:
+                verdicts[key] = None
+        except Exception as e:  # noqa: BLE001 - any failure is a cause; the plain path decides what is wrong
+            verdicts[key] = describe(e)
+    return verdicts[key]
 
 
 def _on_prompt(name, fn, width: int):
@@ -133,12 +186,12 @@ def _on_prompt(name, fn, width: int):
     return hook
 
 
-def _cache_filled(kv, width: int) -> bool:
+def _cache_filled(kv, width: int, warn: bool = True) -> bool:
     """Whether the prompt pass left a cache of all ``width`` positions. Some transformers releases (5.24) ignore
     the cache the bridge hands over and return an empty one; then generation re-runs every step (same tokens,
     slower) and says so once."""
     ok = kv is not None and hasattr(kv, "get_seq_length") and kv.get_seq_length() == width
-    if not ok and not _WARNED:
+    if not ok and warn and not _WARNED:
         _WARNED.append(True)
         warnings.warn("patched generation: this transformers version returned no usable KV cache through the "
                       "bridge; re-running the whole sequence at every generated token instead (same tokens, "

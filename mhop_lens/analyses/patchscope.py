@@ -38,7 +38,15 @@ from tqdm.auto import tqdm
 from mhop_lens import hooks
 from mhop_lens.analyses import sites as S
 from mhop_lens.analyses.lens import project
-from mhop_lens.analyses.patched_generation import STUDY_NEW_TOKENS, Sampling, decode_new, generate_patched, mentions_any
+from mhop_lens.analyses.partial_forward import warn_once
+from mhop_lens.analyses.patched_generation import (
+    STUDY_NEW_TOKENS,
+    Sampling,
+    decode_new,
+    generate_patched,
+    mentions_any,
+    prefix_sharing_cause,
+)
 from mhop_lens.data.records import TwoHopQuery
 from mhop_lens.errors import MhopLensError
 from mhop_lens.forward import run, run_with_cache
@@ -129,12 +137,28 @@ FULL = Sampling(temperature=1.0, top_k=0, top_p=1.0)
 
 
 def _generate(model, enc: Encoded, fwd_hooks: list, max_new_tokens: int, seed: int | None,
-              sampling: Sampling | None = None, cached: bool = True) -> Int[Tensor, "rows new"]:
+              sampling: Sampling | None = None, cached: bool = True, shared_prefix: int = 0
+              ) -> Int[Tensor, "rows new"]:
     """Greedy (seed None) or seeded-sampling continuation of a left-padded batch patched by ``fwd_hooks`` in the
     prompt pass (``sampling`` default: the full distribution)."""
+    kw = dict(cached=cached, shared_prefix=shared_prefix)
     if seed is None:
-        return generate_patched(model, enc, fwd_hooks, max_new_tokens, None, cached=cached)
-    return generate_patched(model, enc, fwd_hooks, max_new_tokens, sampling or FULL, seed=seed, cached=cached)
+        return generate_patched(model, enc, fwd_hooks, max_new_tokens, None, **kw)
+    return generate_patched(model, enc, fwd_hooks, max_new_tokens, sampling or FULL, seed=seed, **kw)
+
+
+def _shared_prefix(model, enc: Encoded, at: int) -> int:
+    """How many target-prompt tokens (those before the placeholder at ``at``, the same in every row and never
+    patched) the rows share: ``at`` where the model reproduces the plain prompt pass that way, else 0 (one
+    warning per model and cause)."""
+    if at <= 0:
+        return 0
+    cause = prefix_sharing_cause(model, enc, at)
+    if cause is None:
+        return at
+    warn_once(model, "patchscope target-prefix sharing", cause,
+              "running the whole target prompt for every row instead (same tokens, slower)")
+    return 0
 
 
 def _source_vectors(model, queries, source_layers, positions):
@@ -205,13 +229,15 @@ def patchscope_batch(model, queries: Sequence[TwoHopQuery], source_layers: Seque
                 if decoder == "one_hop":
                     enc = encode(model, [prompts[qi][0] for qi, *_ in chunk], padding_side="left")
                     pos = torch.tensor([enc.position(i, prompts[qi][1]) for i, (qi, *_) in enumerate(chunk)])
-                else:
+                    share = 0
+                else:  # one target prompt: its tokens before the placeholder are computed once per chunk
                     enc = encode(model, [target_prompt] * len(chunk), padding_side="left")
-                    span = find_span(target_prompt, placeholder)
-                    pos = torch.full((len(chunk),), enc.position(0, span))
+                    at = enc.position(0, find_span(target_prompt, placeholder))
+                    share = _shared_prefix(model, enc, at) if cached else 0
+                    pos = torch.full((len(chunk),), at - share)
                 fwd = _patch_hooks([t for _, _, t, _ in chunk], vec[lo : lo + len(chunk)], pos)
                 n_new = 1 if decoder == "one_hop" else max_new_tokens
-                new = _generate(model, enc, fwd, n_new, run_seed, sampling, cached=cached).cpu()
+                new = _generate(model, enc, fwd, n_new, run_seed, sampling, cached=cached, shared_prefix=share).cpu()
                 first += model.tokenizer.batch_decode(new[:, :1].tolist())
                 texts = decode_new(model, new) if study else model.tokenizer.batch_decode(new.tolist())
                 decoded += texts
