@@ -413,6 +413,13 @@ CASES = [
          cli=lambda env: eval_argv(env, "--limit", "12", model="organism", data=str(FIXTURE_CSV))),
     Case("patch --limit too small", errors.MhopLensError, r"--limit 20 is too small: .*no counterfactual pair.*pass "
          r"--limit \d+ or more", cli=lambda env: ("patch", [*lens_argv(env)[1], "--limit", "20"])),
+    Case("AtP*-only option without --method atp-star", errors.DataError, r"--no-grad-drop applies only to --method "
+         r"atp-star \(this run's method is atp\); add --method atp-star or drop it",
+         cli=lambda env: ("attribute", ["--data", "organism-gar", "--no-grad-drop", "--out", str(env.tmp / "out"),
+                                        "--device", "cpu"])),
+    Case("attribute --method atp-star --per-span", errors.DataError, r"atp-star scores whole nodes; drop --per-span",
+         cli=lambda env: ("attribute", ["--data", "organism-gar", "--method", "atp-star", "--per-span", "--out",
+                                        str(env.tmp / "out"), "--device", "cpu"])),
     Case("attribute --limit too small on built-in data", errors.MhopLensError, r"--limit 20 is too small: the first "
          r"20 rows of --data 'organism-gar' have no Yes/No counter-pair.*pass --limit \d+ or more",
          cli=lambda env: ("attribute", ["--data", "organism-gar", "--limit", "20", "--out", str(env.tmp / "out"),

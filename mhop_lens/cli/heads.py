@@ -139,14 +139,22 @@ def attribute(**kw) -> None:
 
     kw["sites"] = site_list(kw["sites"], OLD_SITES)
     hooks.act_names(_csv(kw["sites"]), SITES, OLD_SITES, "attribution", DataError)  # fails before --out is written
+    method = kw["method"] or ("ig" if kw["ig_steps"] > 0 else "atp")
+    if method == "atp-star" and kw["per_span"]:
+        raise DataError("--method atp-star scores whole nodes; drop --per-span or use --method atp / ig.")
+    ctx = click.get_current_context()
+    given = {n: ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE for n in ("qk_fix", "grad_drop")}
+    star_only = ([f"--qk-fix {kw['qk_fix']}"] if given["qk_fix"] else []) + (
+        ["--grad-drop" if kw["grad_drop"] else "--no-grad-drop"] if given["grad_drop"] else [])
+    if star_only and method != "atp-star":
+        raise DataError(f"{' and '.join(star_only)} {'apply' if len(star_only) > 1 else 'applies'} only to --method "
+                        f"atp-star (this run's method is {method}); add --method atp-star or drop "
+                        f"{'them' if len(star_only) > 1 else 'it'}.")
     model = load_model(kw["model"], device=kw["device"])
     clean, corrupt, metric, spans, ids, dropped = _pairs(kw, model)  # fails before --out is written
     store = RunStore(kw["out"], "attribute", kw)
     store.log(f"{len(clean)} pairs ({dropped} dropped: clean/corrupted token counts differ)")
     sites = _csv(kw["sites"])
-    method = kw["method"] or ("ig" if kw["ig_steps"] > 0 else "atp")
-    if method == "atp-star" and kw["per_span"]:
-        raise DataError("--method atp-star scores whole nodes; drop --per-span or use --method atp / ig.")
     frame = run_atp(model, clean, corrupt, metric, sites=sites, per_position=spans if kw["per_span"] else False,
                     ig_steps=kw["ig_steps"], batch_size=kw["batch_size"], pair_ids=ids, progress=True,
                     method=method, qk_fix=kw["qk_fix"], grad_drop=kw["grad_drop"])
