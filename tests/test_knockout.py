@@ -66,3 +66,33 @@ def test_edge_masks_and_windows(tiny_models):
     assert list(window_layers(2, -1, 4)) == []
     with pytest.raises(ValueError, match="QUERY->KEY"):
         parse_edge("last-e1")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_fast_knockout_equals_full_forwards(tiny_models, arch):
+    """The cached-prefix path (each centre's rows re-run from the window's first layer over the edited positions)
+    gives the full-forward table: every edge kind, key definition and window, padded batches included."""
+    model, queries = tiny_models[arch], tiny_queries()
+    edges = ("last->e1", "last->r1", "all->e1", "r2->e1")
+    for keys, window in (("span", 1), ("last", 0), ("word", 2), ("span", -1)):
+        kw = dict(edges=edges, window=window, keys=keys, batch_size=5, progress=False)
+        fast, ref = run_knockout(model, queries, **kw), run_knockout(model, queries, reference=True, **kw)
+        assert fast.attrs["path"] == "kv-partial" and ref.attrs["path"] == "reference"
+        text = ["qid", "edge", "centre", "layer_lo", "layer_hi", "pred_token", "correct", "clean_correct", "t1_key"]
+        pd.testing.assert_frame_equal(fast[text], ref[text])
+        for col in ("e3_prob", "clean_e3_prob", "pred_prob", "clean_pred_prob"):
+            assert (fast[col] - ref[col]).abs().max() < 1e-5, (keys, window, col)
+        if window >= 0:
+            assert ref.e3_prob_change.abs().max() > 1e-3  # the knockouts act
+
+
+def test_fast_knockout_equals_full_forwards_on_the_organism(organism):
+    from mhop_lens.data import load_queries
+
+    queries = load_queries("organism:heldout", limit=12)
+    kw = dict(window=1, batch_size=16, progress=False)
+    fast, ref = run_knockout(organism, queries, **kw), run_knockout(organism, queries, reference=True, **kw)
+    assert fast.attrs["path"] == "kv-partial"
+    assert (fast.correct == ref.correct).all() and (fast.pred_token == ref.pred_token).all()
+    assert (fast.e3_prob - ref.e3_prob).abs().max() < 1e-5
+    assert ref.e3_prob_change.abs().max() > 0.1  # the organism's knockouts act

@@ -24,13 +24,14 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mhop_lens import hooks
 from mhop_lens.analyses import sites as S
 from mhop_lens.analyses.lens import decode_ids
+from mhop_lens.analyses.partial_forward import CleanRun, clean_run, dispatch, prefix_cache, run_from
 from mhop_lens.analyses.patched_generation import (
     STUDY_NEW_TOKENS,
     answer_aliases,
@@ -114,51 +115,107 @@ def knockout_hooks(edges: Bool[Tensor, "batch query key"], windows: Sequence[ran
     return out
 
 
-@torch.inference_mode()
-def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], window: int,
-                   centres: Sequence[int], batch_size: int, keys: str = "span", criterion: str = "first-token"
-                   ) -> pd.DataFrame:
-    """Knockout rows of one query batch (see ``run_knockout``)."""
+def _readout(probs: Float[Tensor, "n vocab"], e3: Tensor, pred: Tensor) -> Float[Tensor, "n 3"]:
+    """Per row: probability of e3's first token, of the clean top-1 token, and the top-1 token id."""
+    rows = torch.arange(probs.shape[0])
+    return torch.stack([probs[rows, e3], probs[rows, pred], probs.argmax(-1).float()], 1)
+
+
+def _reference_knockout(model, queries, jobs, window, keys, batch_size, e3, clean_pred, generate
+                        ) -> tuple[Tensor, list[str]]:
+    """Every (query, edge, centre) job as a full forward with the knockout hooks (batched along the rows); also
+    the study's generation (knockout in the prompt pass, then cached steps) when ``generate``."""
     n_layers = model.cfg.n_layers
-    generate = criterion in ("generate", "both")
-    clean_enc = encode(model, [q.prompt for q in queries])
-    clean = last_logits(model, clean_enc).float().softmax(-1).cpu()
-    if generate:
-        clean_text = decode_new(model, generate_patched(model, clean_enc, [], STUDY_NEW_TOKENS))
-        clean_gen = [mentions_any(t, answer_aliases(q)) for t, q in zip(clean_text, queries, strict=True)]
-    e3 = S.entity_tokens(model, queries, "e3")
-    clean_pred = clean.argmax(-1)
-    t1_key = {(qi, edge): S.span_of(q, parse_edge(edge)[1]) == S.span_of(q, "t1")
-              for qi, q in enumerate(queries) for edge in edges}
-    jobs = [(qi, edge, c) for edge in edges for qi in range(len(queries)) for c in centres]
-    records = []
+    out, texts = [], []
     for lo in range(0, len(jobs), batch_size):
         chunk = jobs[lo : lo + batch_size]
         qs = [queries[qi] for qi, _, _ in chunk]
         enc = encode(model, [q.prompt for q in qs])
         mask = edge_mask(enc, qs, [e for _, e, _ in chunk], keys)
-        windows = [window_layers(c, window, n_layers) for _, _, c in chunk]
-        fwd = knockout_hooks(mask, windows, n_layers)
-        probs = last_logits(model, enc, fwd).float().softmax(-1).cpu()
+        fwd = knockout_hooks(mask, [window_layers(c, window, n_layers) for _, _, c in chunk], n_layers)
+        qi = torch.tensor([qi for qi, _, _ in chunk])
+        out.append(_readout(last_logits(model, enc, fwd).float().softmax(-1).cpu(), e3[qi], clean_pred[qi]))
+        if generate:
+            texts += decode_new(model, generate_patched(model, enc, fwd, STUDY_NEW_TOKENS))
+    return torch.cat(out), texts
+
+
+def _fast_knockout(model, clean: CleanRun, queries, jobs, window, keys, batch_size, e3, clean_pred) -> Tensor:
+    """The same numbers from one cached clean run: a knockout in layers [lo, hi] with queries from position q0 on
+    changes nothing before q0 (any layer) or below lo, so each centre's rows run from block lo over positions q0..
+    only (``run_from`` over the clean prefix's keys/values), unembedding the last position."""
+    n_layers = model.cfg.n_layers
+    qi_all = torch.tensor([qi for qi, _, _ in jobs])
+    mask = edge_mask(clean.enc.select(qi_all), [queries[qi] for qi, _, _ in jobs], [e for _, e, _ in jobs], keys)
+    active = mask.flatten(2).any(-1)  # [job, query position]: rows whose attention is edited
+    out = _readout(clean.last_logits.float().softmax(-1).cpu()[qi_all], e3[qi_all], clean_pred[qi_all])
+    dev = clean.streams.device
+    by_centre: dict[int, list[int]] = {}
+    for j, (_, _, c) in enumerate(jobs):
+        by_centre.setdefault(c, []).append(j)
+    for c, idx in by_centre.items():
+        layers = window_layers(c, window, n_layers)
+        idx = [j for j in idx if active[j].any()]  # the others are the clean run
+        for a in range(0, len(idx) if len(layers) else 0, batch_size):
+            part = torch.tensor(idx[a : a + batch_size])
+            q0 = int(active[part].any(0).nonzero()[0])
+            rows = qi_all[part].to(dev)
+            fwd = [(hooks.head(layer, "attn_scores"), block_attention(mask[part][:, q0:])) for layer in layers]
+            logits = run_from(model, clean.streams[layers.start][rows, q0:], layers.start,
+                              clean.enc.attention_mask[rows], prefix_cache(clean.kv, rows, q0, layers.start), fwd,
+                              last_only=True)[:, -1]
+            out[part] = _readout(logits.float().softmax(-1).cpu(), e3[qi_all[part]], clean_pred[qi_all[part]])
+    return out
+
+
+@torch.inference_mode()
+def knockout_batch(model, queries: Sequence[TwoHopQuery], edges: Sequence[str], window: int,
+                   centres: Sequence[int], batch_size: int, keys: str = "span", criterion: str = "first-token",
+                   reference: bool = False) -> pd.DataFrame:
+    """Knockout rows of one query batch (see ``run_knockout``)."""
+    generate = criterion in ("generate", "both")
+    clean_enc = encode(model, [q.prompt for q in queries])
+    e3 = S.entity_tokens(model, queries, "e3").cpu()
+    jobs = [(qi, edge, c) for edge in edges for qi in range(len(queries)) for c in centres]
+
+    def fast():
+        run = clean_run(model, clean_enc)
+        probs = run.last_logits.float().softmax(-1).cpu()
         pred = probs.argmax(-1)
-        if generate:  # the study's: knockout in the prompt pass only, then cached steps
-            texts = decode_new(model, generate_patched(model, enc, fwd, STUDY_NEW_TOKENS))
-        for j, (qi, edge, c) in enumerate(chunk):
-            w = windows[j]
-            records.append({
-                "qid": queries[qi].id, "edge": edge, "centre": c, "window": window, "key_tokens": keys,
-                "layer_lo": w.start if len(w) else -1, "layer_hi": w.stop - 1 if len(w) else -1,
-                "e3_prob": float(probs[j, e3[qi]]), "clean_e3_prob": float(clean[qi, e3[qi]]),
-                "pred_prob": float(probs[j, clean_pred[qi]]), "clean_pred_prob": float(clean[qi, clean_pred[qi]]),
-                "pred_token": decode_ids(model, pred[j : j + 1])[0],
-                "correct": bool(pred[j] == e3[qi]), "clean_correct": bool(clean_pred[qi] == e3[qi]),
-                "t1_key": t1_key[(qi, edge)],
-            })
-            if generate:
-                records[-1] |= {"correct_generate": mentions_any(texts[j], answer_aliases(queries[qi])),
-                                "clean_correct_generate": clean_gen[qi], "generation": texts[j]}
+        return probs, _fast_knockout(model, run, queries, jobs, window, keys, batch_size, e3, pred), []
+
+    def plain():
+        probs = last_logits(model, clean_enc).float().softmax(-1).cpu()
+        pred = probs.argmax(-1)
+        return (probs, *_reference_knockout(model, queries, jobs, window, keys, batch_size, e3, pred, generate))
+
+    # the study's generation needs the full prompt pass with the knockout: the reference path
+    (clean, got, texts), path = dispatch(model, clean_enc, "knockout", fast, plain, use_reference=reference or generate)
+    clean_pred = clean.argmax(-1)
+    if generate:
+        clean_text = decode_new(model, generate_patched(model, clean_enc, [], STUDY_NEW_TOKENS))
+        clean_gen = [mentions_any(t, answer_aliases(q)) for t, q in zip(clean_text, queries, strict=True)]
+    t1_key = {(qi, edge): S.span_of(q, parse_edge(edge)[1]) == S.span_of(q, "t1")
+              for qi, q in enumerate(queries) for edge in edges}
+    pred_tokens = decode_ids(model, got[:, 2].long())
+    records = []
+    for j, (qi, edge, c) in enumerate(jobs):
+        w = window_layers(c, window, model.cfg.n_layers)
+        records.append({
+            "qid": queries[qi].id, "edge": edge, "centre": c, "window": window, "key_tokens": keys,
+            "layer_lo": w.start if len(w) else -1, "layer_hi": w.stop - 1 if len(w) else -1,
+            "e3_prob": float(got[j, 0]), "clean_e3_prob": float(clean[qi, e3[qi]]),
+            "pred_prob": float(got[j, 1]), "clean_pred_prob": float(clean[qi, clean_pred[qi]]),
+            "pred_token": pred_tokens[j],
+            "correct": bool(int(got[j, 2]) == int(e3[qi])), "clean_correct": bool(clean_pred[qi] == e3[qi]),
+            "t1_key": t1_key[(qi, edge)],
+        })
+        if generate:
+            records[-1] |= {"correct_generate": mentions_any(texts[j], answer_aliases(queries[qi])),
+                            "clean_correct_generate": clean_gen[qi], "generation": texts[j]}
     frame = pd.DataFrame.from_records(records)
     frame["e3_prob_change"] = (frame["e3_prob"] - frame["clean_e3_prob"]) / frame["clean_e3_prob"]
+    frame.attrs["path"] = path
     return frame
 
 
@@ -172,6 +229,7 @@ def run_knockout(
     progress: bool = True,
     keys: str = "span",
     criterion: str = "first-token",
+    reference: bool = False,
 ) -> pd.DataFrame:
     """Block each edge in the window [c - window, c + window] for every centre layer c (default: all layers).
 
@@ -181,6 +239,10 @@ def run_knockout(
     ``correct_generate`` / ``clean_correct_generate`` (e3 or an alias in 10 greedy tokens generated with the
     knockout in the prompt pass, as the study's hook skips cached steps) and ``generation``.
     ``batch_size`` counts forward rows ((query, edge, centre) triples) and queries per clean forward.
+    The first-token numbers come from one cached clean run per batch, each centre's rows re-run from the window's
+    first layer over the edited positions only, where ``partial_forward.fast_path_cause`` finds that exact for
+    the model (else, with one warning, and for ``criterion`` generate / both, and with ``reference=True``: one full
+    forward per row); ``frame.attrs["path"]`` says which ran (the last batch's).
 
     One row per (query, edge, centre). Columns: ``qid, edge, centre, window, layer_lo, layer_hi`` (the blocked
     layers, -1 when empty); ``e3_prob`` / ``clean_e3_prob`` (probability of e3's first token at the last position
@@ -200,6 +262,8 @@ def run_knockout(
     if not queries:
         raise DataError("no queries to knock out; check --data, --limit and --shard.")
     batches = [list(queries[i : i + batch_size]) for i in range(0, len(queries), batch_size)]
-    frames = [knockout_batch(model, b, edges, window, centres, batch_size, keys, criterion)
+    frames = [knockout_batch(model, b, edges, window, centres, batch_size, keys, criterion, reference)
               for b in tqdm(batches, desc="knockout", unit="batch", disable=not progress)]
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs["path"] = frames[-1].attrs["path"]
+    return out
