@@ -400,15 +400,23 @@ def _patching_readout(model, clean, corrupt, metric) -> dict:
     return expected
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "bloom", "gpt-neo"])
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "bloom", "gpt-neo", "gemma3-long", "qwen2-sliding-long"])
 def test_chained_atp_star_is_exact_up_to_the_readout_without_mlps(tmp_path, arch):
     """Without MLPs every path from a head runs through later attention layers (and, on Gemma, post-attention
     norms) and the residual, so the chained QK fix takes each of them exactly: AtP* (chained) = gradient at the
     final residual . the residual change that exact patching of the head makes. GPT-2 with 8x q/k gain, Gemma 3
     (post-attention norms, q/k norms, other rotary tables in its global layers), Bloom (ALiBi), GPT-Neo (local
-    layers). The one-softmax-deep fix ("exact") does not (1e-2 of the scale on the GPT-2, against ~1e-6)."""
+    layers); ``-long``: prompts past the windowed models' 16-token window (each layer's own mask). The
+    one-softmax-deep fix ("exact") does not (1e-2 of the scale on the GPT-2, against ~1e-6)."""
+    from mhop_lens.tiny_models import WINDOW
+
+    arch, long = arch.removesuffix("-long"), arch.endswith("-long")
     model = _mlp_free(tmp_path / arch, arch, qk_gain=8.0)
     clean, corrupt = _aligned(model)
+    if long:
+        pre = "Once upon a time there was a long story about many things and people. " * 2
+        clean, corrupt = [pre + c for c in clean], [pre + c for c in corrupt]
+        assert len(model.tokenizer(clean[0])["input_ids"]) > WINDOW
     metric = _metric(model, len(clean))
     expected = _patching_readout(model, clean, corrupt, metric)
     scale = max(np.abs(v).max() for v in expected.values())
