@@ -245,3 +245,24 @@ def test_shared_target_prefix_gives_the_same_rows(tiny_models, arch, monkeypatch
     plain = [run_patchscope(model, queries, seed=seed, **kw) for seed in (None, 7)]
     for a, b in zip(shared, plain, strict=True):
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_cached_generation_hands_the_cache_over_by_the_forwards_own_keyword(tiny_models):
+    """transformers 5.24 takes ``cache=`` and deprecates ``past_key_values`` (removal announced for 5.40); 5.23 takes
+    only ``past_key_values`` and silently ignores ``cache``. The keyword comes from the HF forward's signature:
+    no deprecation warning, and the prefix really reaches the model (the shared-prefix check agrees)."""
+    import inspect
+    import warnings
+
+    from mhop_lens.analyses.hf_compat import cache_kwarg
+    from mhop_lens.analyses.patched_generation import generate_patched, prefix_sharing_cause
+    from mhop_lens.model_state import model_state
+
+    model = tiny_models["llama"]
+    assert cache_kwarg(model) in inspect.signature(model.original_model.forward).parameters
+    enc = encode(model, [DEFAULT] * 2, padding_side="left")
+    model_state(model).pop("prefix_generation", None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*deprecated")
+        assert prefix_sharing_cause(model, enc, enc.tokens.shape[1] - 1) is None
+        generate_patched(model, enc, [], 3, shared_prefix=enc.tokens.shape[1] - 1)

@@ -8,6 +8,7 @@ asked for a cache returned an empty one). Everything here is guarded: a shape it
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 
@@ -99,6 +100,18 @@ def _cache_prehook(module, args, kwargs):
     if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None and is_cache(kwargs.get("cache")):
         return args, {**kwargs, "past_key_values": kwargs["cache"]}
     return None
+
+
+def cache_kwarg(model) -> str:
+    """The keyword the wrapped HF model's forward takes a KV cache by: ``cache`` (transformers 5.24, where
+    ``past_key_values`` is deprecated, to be removed in 5.40) or ``past_key_values`` (5.23, whose forward silently
+    ignores ``cache``: a prompt pass after a prefix would then see no prefix). Read once per model."""
+    state = model_state(model)
+    if "cache_kwarg" not in state:
+        hf = getattr(model, "original_model", None)
+        params = inspect.signature(hf.forward).parameters if hf is not None else {}
+        state["cache_kwarg"] = "cache" if "cache" in params else "past_key_values"
+    return state["cache_kwarg"]
 
 
 def hf_config(model):

@@ -36,6 +36,7 @@ from mhop_lens.analyses.hf_compat import (
     apply_readout,
     architecture,
     attention_windows,
+    cache_kwarg,
     cache_of,
     empty_cache,
     ensure_cache_plumbing,
@@ -217,7 +218,7 @@ def block_call(model, n_new: int, attention_mask: Int[Tensor, "n pos"], cache: D
     handle = model.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with _quiet():
-            model(dummy, attention_mask=attention_mask, past_key_values=cache)
+            model(dummy, attention_mask=attention_mask, **{cache_kwarg(model): cache})
     except _Stop:
         pass
     finally:

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mhop_lens.analyses.hf_compat import FastPathError, cache_of, kv_layers
+from mhop_lens.analyses.hf_compat import FastPathError, cache_kwarg, cache_of, kv_layers
 from mhop_lens.forward import run
 from mhop_lens.tokens import Encoded
 
@@ -107,7 +107,7 @@ def generate_patched(
     if cached and shared_prefix:
         logits, kv = model.run_with_hooks(tokens[:, shared_prefix:], attention_mask=mask, fwd_hooks=list(fwd_hooks),
                                           return_type="logits_and_cache", use_cache=True,
-                                          past_key_values=_prefix_cache(model, tokens, mask, shared_prefix))
+                                          **{cache_kwarg(model): _prefix_cache(model, tokens, mask, shared_prefix)})
         if not _cache_filled(kv, tokens.shape[1]):
             raise FastPathError("the prompt pass after a shared prefix left no usable KV cache; call "
                                 "generate_patched without shared_prefix (prefix_sharing_cause says why).")
@@ -126,7 +126,8 @@ def generate_patched(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if cached and step + 1 < max_new_tokens:
             logits, kv = model.run_with_hooks(nxt[:, None], attention_mask=mask, fwd_hooks=[],
-                                              return_type="logits_and_cache", use_cache=True, past_key_values=kv)
+                                              return_type="logits_and_cache", use_cache=True,
+                                              **{cache_kwarg(model): kv})
     return torch.stack(new, 1)
 
 
@@ -154,8 +155,8 @@ def prefix_sharing_cause(model, enc: Encoded, shared_prefix: int) -> str | None:
             plain = run(model, row)[:, -1]
             shared, kv = model.run_with_hooks(row.tokens[:, shared_prefix:], attention_mask=row.attention_mask,
                                               fwd_hooks=[], return_type="logits_and_cache", use_cache=True,
-                                              past_key_values=_prefix_cache(model, row.tokens, row.attention_mask,
-                                                                            shared_prefix))
+                                              **{cache_kwarg(model): _prefix_cache(model, row.tokens,
+                                                                                   row.attention_mask, shared_prefix)})
             if not _cache_filled(kv, row.tokens.shape[1], warn=False):
                 verdicts[key] = "the prompt pass after a shared prefix left no usable KV cache"
             elif not same_computation(shared[:, -1], plain):
