@@ -28,6 +28,7 @@ Positions: any name of ``analyses/sites.py``; the study's two are ``t1`` (last t
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 
@@ -167,29 +168,20 @@ def backpatch_logits(
     donor: Int[Tensor, " m"],
     donor_pos: Int[Tensor, " m"],
     chunk_bytes: int = READOUT_CHUNK_BYTES,
+    reference: bool = False,
 ) -> Float[Tensor, "pair m vocab"]:
     """Last-position logits of clean row ``rows[i]`` with resid_post(t)[pos[i]] := resid_post(s)[donor_pos[i]] of
-    clean row ``donor[i]``, for each (s, t) in ``pairs`` (the fast path; all of them at once: pairs x rows x
-    vocabulary fp32, so sweeps use ``backpatch_scores``)."""
-    out = torch.empty(len(pairs), len(rows), model.cfg.d_vocab, device=clean.streams.device)
-    _fast_sweep(model, clean, rows, pos, pairs, donor, donor_pos, _keep(out), chunk_bytes)
+    clean row ``donor[i]``, for each (s, t) in ``pairs`` (the fast path, or the plain per-pair implementation with
+    ``reference=True``; all of them at once: pairs x rows x vocabulary fp32, so sweeps use ``backpatch_scores``)."""
+    device = "cpu" if reference else clean.streams.device
+    out = torch.empty(len(pairs), len(rows), model.cfg.d_vocab, device=device)
+    sweep = _reference_sweep if reference else _fast_sweep
+    sweep(model, clean, rows, pos, pairs, donor, donor_pos, _keep(out), chunk_bytes)
     return out
 
 
-def backpatch_reference_logits(
-    model,
-    clean: CleanRun,
-    rows: Int[Tensor, " m"],
-    pos: Int[Tensor, " m"],
-    pairs: Sequence[Pair],
-    donor: Int[Tensor, " m"],
-    donor_pos: Int[Tensor, " m"],
-    chunk_bytes: int = READOUT_CHUNK_BYTES,
-) -> Float[Tensor, "pair m vocab"]:
-    """``backpatch_logits`` by the plain per-pair implementation (``_reference_sweep``)."""
-    out = torch.empty(len(pairs), len(rows), model.cfg.d_vocab)
-    _reference_sweep(model, clean, rows, pos, pairs, donor, donor_pos, _keep(out), chunk_bytes)
-    return out
+#: ``backpatch_logits`` by the plain per-pair implementation (``_reference_sweep``).
+backpatch_reference_logits = functools.partial(backpatch_logits, reference=True)
 
 
 # fast path ----------------------------------------------------------------------------------------------------
