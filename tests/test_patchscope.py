@@ -255,7 +255,7 @@ def test_cached_generation_hands_the_cache_over_by_the_forwards_own_keyword(tiny
     import warnings
 
     from mhop_lens.analyses.hf_compat import cache_kwarg
-    from mhop_lens.analyses.patched_generation import generate_patched, prefix_sharing_cause
+    from mhop_lens.analyses.patched_generation import generate_patched, prefix_keys_values, prefix_sharing_cause
     from mhop_lens.model_state import model_state
 
     model = tiny_models["llama"]
@@ -265,4 +265,4 @@ def test_cached_generation_hands_the_cache_over_by_the_forwards_own_keyword(tiny
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*deprecated")
         assert prefix_sharing_cause(model, enc, enc.tokens.shape[1] - 1) is None
-        generate_patched(model, enc, [], 3, shared_prefix=enc.tokens.shape[1] - 1)
+        generate_patched(model, enc, [], 3, prefix_kv=prefix_keys_values(model, enc, enc.tokens.shape[1] - 1))

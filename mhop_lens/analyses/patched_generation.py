@@ -83,7 +83,7 @@ def generate_patched(
     sampling: Sampling | None = None,
     seed: int = 0,
     cached: bool = True,
-    shared_prefix: int = 0,
+    prefix_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> Int[Tensor, "rows new"]:
     """``max_new_tokens`` continuation ids of a left-padded batch whose prompt pass runs with ``fwd_hooks``.
 
@@ -93,24 +93,22 @@ def generate_patched(
     from one generator seeded with ``seed`` per call: reproducible for a fixed batch. Rows are not stopped at
     end-of-sequence (cut them when decoding).
 
-    ``shared_prefix`` (cached only): the first ``shared_prefix`` tokens are the same in every row and no hook
-    changes them (a patch at a later position cannot), so their keys/values are computed once, from row 0, and
-    shared; the hooks then see only the prompt's later positions (prompt position p is p - ``shared_prefix`` in
-    their activations). Ask :func:`prefix_sharing_cause` first whether the model reproduces the plain prompt
-    pass this way.
+    ``prefix_kv`` (cached only; from :func:`prefix_keys_values`): keys/values of the first n tokens, the same in
+    every row and unchanged by the hooks (a patch at a later position cannot change them), shared by all rows;
+    the prompt pass then runs the later positions only, and the hooks see those (prompt position p is p - n in
+    their activations). Ask :func:`prefix_sharing_cause` first whether the model reproduces the plain prompt pass
+    this way.
     """
     if enc.padding_side != "left":
         raise ValueError("generate_patched needs a left-padded batch (encode(..., padding_side='left')).")
     gen = None if sampling is None else torch.Generator().manual_seed(seed)
     tokens, mask = enc.tokens, enc.attention_mask
     new = []
-    if cached and shared_prefix:
-        logits, kv = model.run_with_hooks(tokens[:, shared_prefix:], attention_mask=mask, fwd_hooks=list(fwd_hooks),
-                                          return_type="logits_and_cache", use_cache=True,
-                                          **{cache_kwarg(model): _prefix_cache(model, tokens, mask, shared_prefix)})
+    if cached and prefix_kv:
+        logits, kv = _after_prefix(model, tokens, mask, fwd_hooks, prefix_kv)
         if not _cache_filled(kv, tokens.shape[1]):
             raise FastPathError("the prompt pass after a shared prefix left no usable KV cache; call "
-                                "generate_patched without shared_prefix (prefix_sharing_cause says why).")
+                                "generate_patched without prefix_kv (prefix_sharing_cause says why).")
     elif cached:
         logits, kv = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks),
                                           return_type="logits_and_cache", use_cache=True)
@@ -131,17 +129,27 @@ def generate_patched(
     return torch.stack(new, 1)
 
 
-def _prefix_cache(model, tokens: Int[Tensor, "rows pos"], mask: Int[Tensor, "rows pos"], n: int):
-    """Keys/values of row 0's first ``n`` tokens, shared (expanded, not copied) by every row."""
-    _, kv = model.run_with_hooks(tokens[:1, :n], attention_mask=mask[:1, :n], fwd_hooks=[],
+@torch.inference_mode()
+def prefix_keys_values(model, enc: Encoded, n: int) -> list[tuple[Tensor, Tensor]]:
+    """Keys/values of row 0's first ``n`` tokens, one row per layer (for ``generate_patched(prefix_kv=)``)."""
+    _, kv = model.run_with_hooks(enc.tokens[:1, :n], attention_mask=enc.attention_mask[:1, :n], fwd_hooks=[],
                                  return_type="logits_and_cache", use_cache=True)
-    rows = tokens.shape[0]
-    return cache_of([(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in kv_layers(kv)])
+    return kv_layers(kv)
+
+
+def _after_prefix(model, tokens: Int[Tensor, "rows pos"], mask: Int[Tensor, "rows pos"], fwd_hooks: Sequence,
+                  prefix_kv: Sequence[tuple[Tensor, Tensor]]):
+    """(logits, cache) of the prompt's positions after the prefix, every row reading ``prefix_kv`` (expanded to
+    the rows, not copied)."""
+    rows, n = tokens.shape[0], prefix_kv[0][0].shape[-2]
+    cache = cache_of([(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in prefix_kv])
+    return model.run_with_hooks(tokens[:, n:], attention_mask=mask, fwd_hooks=list(fwd_hooks),
+                                return_type="logits_and_cache", use_cache=True, **{cache_kwarg(model): cache})
 
 
 @torch.inference_mode()
 def prefix_sharing_cause(model, enc: Encoded, shared_prefix: int) -> str | None:
-    """None when a prompt pass over a shared ``shared_prefix``-token prefix (``generate_patched(shared_prefix=)``)
+    """None when a prompt pass over a shared ``shared_prefix``-token prefix (``generate_patched(prefix_kv=)``)
     gives the plain prompt pass's last logits on row 0 of ``enc``; else why not (one line). Decided once per model,
     prompt width and prefix length (windowed models past their window, or a transformers release that returns no
     cache through the bridge, are refused here rather than giving other tokens)."""
@@ -153,10 +161,8 @@ def prefix_sharing_cause(model, enc: Encoded, shared_prefix: int) -> str | None:
         row = enc.select([0])
         try:
             plain = run(model, row)[:, -1]
-            shared, kv = model.run_with_hooks(row.tokens[:, shared_prefix:], attention_mask=row.attention_mask,
-                                              fwd_hooks=[], return_type="logits_and_cache", use_cache=True,
-                                              **{cache_kwarg(model): _prefix_cache(model, row.tokens,
-                                                                                   row.attention_mask, shared_prefix)})
+            shared, kv = _after_prefix(model, row.tokens, row.attention_mask, [],
+                                       prefix_keys_values(model, row, shared_prefix))
             if not _cache_filled(kv, row.tokens.shape[1], warn=False):
                 verdicts[key] = "the prompt pass after a shared prefix left no usable KV cache"
             elif not same_computation(shared[:, -1], plain):

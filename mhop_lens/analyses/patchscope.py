@@ -45,6 +45,7 @@ from mhop_lens.analyses.patched_generation import (
     decode_new,
     generate_patched,
     mentions_any,
+    prefix_keys_values,
     prefix_sharing_cause,
 )
 from mhop_lens.data.records import TwoHopQuery
@@ -137,11 +138,11 @@ FULL = Sampling(temperature=1.0, top_k=0, top_p=1.0)
 
 
 def _generate(model, enc: Encoded, fwd_hooks: list, max_new_tokens: int, seed: int | None,
-              sampling: Sampling | None = None, cached: bool = True, shared_prefix: int = 0
+              sampling: Sampling | None = None, cached: bool = True, prefix_kv: list | None = None
               ) -> Int[Tensor, "rows new"]:
     """Greedy (seed None) or seeded-sampling continuation of a left-padded batch patched by ``fwd_hooks`` in the
     prompt pass (``sampling`` default: the full distribution)."""
-    kw = dict(cached=cached, shared_prefix=shared_prefix)
+    kw = dict(cached=cached, prefix_kv=prefix_kv)
     if seed is None:
         return generate_patched(model, enc, fwd_hooks, max_new_tokens, None, **kw)
     return generate_patched(model, enc, fwd_hooks, max_new_tokens, sampling or FULL, seed=seed, **kw)
@@ -223,6 +224,7 @@ def patchscope_batch(model, queries: Sequence[TwoHopQuery], source_layers: Seque
             own = _own_answers(model, queries)
             prompts = [one_hop_prompt(q, placeholder) for q in queries]
         classes, rows = [], []
+        prefixes: dict[int, list] = {}  # the target prompt's shared prefix keys/values: once per query batch
         for run_seed in seeds:
             for lo in range(0, len(combos), batch_size):
                 chunk = combos[lo : lo + batch_size]
@@ -230,14 +232,16 @@ def patchscope_batch(model, queries: Sequence[TwoHopQuery], source_layers: Seque
                     enc = encode(model, [prompts[qi][0] for qi, *_ in chunk], padding_side="left")
                     pos = torch.tensor([enc.position(i, prompts[qi][1]) for i, (qi, *_) in enumerate(chunk)])
                     share = 0
-                else:  # one target prompt: its tokens before the placeholder are computed once per chunk
+                else:  # one target prompt: its tokens before the placeholder are computed once per query batch
                     enc = encode(model, [target_prompt] * len(chunk), padding_side="left")
                     at = enc.position(0, find_span(target_prompt, placeholder))
                     share = _shared_prefix(model, enc, at) if cached else 0
+                    if share and share not in prefixes:
+                        prefixes[share] = prefix_keys_values(model, enc, share)
                     pos = torch.full((len(chunk),), at - share)
                 fwd = _patch_hooks([t for _, _, t, _ in chunk], vec[lo : lo + len(chunk)], pos)
                 n_new = 1 if decoder == "one_hop" else max_new_tokens
-                new = _generate(model, enc, fwd, n_new, run_seed, sampling, cached=cached, shared_prefix=share).cpu()
+                new = _generate(model, enc, fwd, n_new, run_seed, sampling, cached, prefixes.get(share)).cpu()
                 first += model.tokenizer.batch_decode(new[:, :1].tolist())
                 texts = decode_new(model, new) if study else model.tokenizer.batch_decode(new.tolist())
                 decoded += texts
